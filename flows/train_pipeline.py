@@ -1,0 +1,139 @@
+"""The `train-pipeline` flow: sources -> splits -> cached features -> head -> guaranteed threshold ->
+test metrics -> bundle -> MLflow run and registered model version."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from stage1core.backbone import BackboneConfig
+from stage1core.features import FeatureConfig
+from stage1core.guarantees import GuaranteeConfig
+from stage1core.heads import HeadConfig
+from stage1core.sources import SourceConfig
+from stage1core.splits import SplitConfig
+from stage1core.train import TrainConfig
+from tasks.pipeline import (
+    build_splits,
+    calibrate_threshold,
+    evaluate_test,
+    export_bundle,
+    extract_features,
+    fit_head,
+)
+from tasks.reports import ensure_demo_data, publish_reports
+from tasks.tracking import (
+    MODEL_NAME,
+    end_mlflow_run,
+    log_params,
+    log_results,
+    log_training_history,
+    register_bundle,
+    start_mlflow_run,
+)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    # MLflow experiment of the run
+    experiment: str = "stage1"
+    # registered model name
+    model_name: str = MODEL_NAME
+    # alias set on the new version; promotion to `champion` is a separate decision
+    alias: str = "challenger"
+    # register the bundle as a model version (off for baselines and experiments)
+    register: bool = True
+    # bundle directory prefix under $STAGE1_HOME/bundles
+    bundle_name: str = "stage1-roadwork"
+
+
+@flow(name="train-pipeline", log_prints=True)
+def train_pipeline(
+    sources: list[SourceConfig] | None = None,
+    splits: SplitConfig = SplitConfig(),
+    backbone: BackboneConfig = BackboneConfig(),
+    features: FeatureConfig = FeatureConfig(),
+    head: HeadConfig = HeadConfig(),
+    train: TrainConfig = TrainConfig(),
+    guarantee: GuaranteeConfig = GuaranteeConfig(),
+    registry: RegistryConfig = RegistryConfig(),
+    max_quarantined_fraction: float = 0.01,
+) -> dict[str, Any]:
+    """Train, calibrate, evaluate, export and register a roadwork classifier.
+
+    With no sources, runs on the embedded demo dataset (generated under $STAGE1_HOME if absent).
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    if not sources:
+        sources = [ensure_demo_data()]
+    run = start_mlflow_run(
+        registry.experiment, f"train-pipeline/{flow_run.name or 'local'}",
+        {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": "train-pipeline",
+         "backbone": backbone.name},
+    )
+    try:
+        split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
+        feats = extract_features(split, backbone, features)
+        head_ref = fit_head(split, feats, head, train)
+        thresholds = calibrate_threshold(split, feats, head_ref, guarantee)
+        evaluation = evaluate_test(split, feats, head_ref, thresholds)
+        bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
+                               head_config=head, thresholds=thresholds, evaluation=evaluation, backbone=backbone)
+        params = {name: dataclasses.asdict(cfg) for name, cfg in (
+            ("splits", splits), ("backbone", backbone), ("features", features), ("head", head),
+            ("train", train), ("guarantee", guarantee))}
+        params["sources"] = [dataclasses.asdict(s) for s in sources]
+        log_params(run["run_id"], params)
+        client_tags = {"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
+                       "split_salt": splits.salt, "bundle_fingerprint": bundle.fingerprint,
+                       "features_fingerprint": feats.fingerprint}
+        _set_run_tags(run["run_id"], client_tags)
+        log_training_history(run["run_id"], head_ref.path)
+        log_results(run["run_id"], evaluation.metrics, bundle)
+        registered = None
+        if registry.register:
+            registered = register_bundle(
+                run["run_id"], bundle, model_name=registry.model_name, alias=registry.alias,
+                tags={**client_tags, "prefect_flow_run_id": str(flow_run.id), "mlflow_run_id": run["run_id"],
+                      **{f"test_{k}": f"{evaluation.metrics[k]:.4f}" for k in ("mcc", "accuracy", "auroc", "fnr")
+                         if isinstance(evaluation.metrics.get(k), float)}},
+                description=_read_card(bundle.path),
+            )
+        publish_reports(metrics=evaluation.metrics, thresholds=thresholds, bundle_path=bundle.path,
+                        mlflow_run=run, registered=registered, counts=split.counts)
+    except BaseException:
+        end_mlflow_run(run["run_id"], "FAILED")
+        raise
+    end_mlflow_run(run["run_id"])
+    seconds = time.perf_counter() - started
+    logger.info("train-pipeline finished in %.1fs: test MCC %s, bundle %s", seconds,
+                evaluation.metrics.get("mcc"), bundle.path)
+    return {
+        "metrics": evaluation.metrics, "thresholds": thresholds, "bundle_path": bundle.path,
+        "bundle_fingerprint": bundle.fingerprint, "mlflow_run_id": run["run_id"], "mlflow_run_url": run["url"],
+        "experiment_id": run["experiment_id"], "registered": registered, "split_counts": split.counts,
+        "split_manifest": split.path,
+        "features": {"n_samples": feats.n_samples, "n_computed": feats.n_computed, "failed": len(feats.failed),
+                     "images_per_second": feats.images_per_second, "dim": feats.dim},
+        "seconds": seconds, "flow_run_id": str(flow_run.id),
+    }
+
+
+def _set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    from tasks.tracking import client
+
+    mc = client()
+    for key, value in tags.items():
+        mc.set_tag(run_id, key, value)
+
+
+def _read_card(bundle_path: str) -> str:
+    from pathlib import Path
+
+    return (Path(bundle_path) / "model_card.md").read_text()

@@ -1,0 +1,274 @@
+"""Bundles: self-describing, verifiable model directories, and the Predictor that serves them.
+
+A bundle holds manifest.json (schema-validated, sha256 of every file), backbone.json (timm name and
+weights sha256), preprocessing.json, head.safetensors + head.json, thresholds.json, metrics.json,
+model_card.md, plots and the test predictions. No pickle anywhere: weights are safetensors, the rest
+JSON. `load_bundle` checks the manifest schema, every file's hash, every JSON file's schema and the
+backbone weights' hash before it builds a Predictor.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbone import (
+    BackboneError,
+    BackboneSpec,
+    _hf_cached_weights,
+    build_backbone,
+    demo_package_weights_file,
+    embed,
+)
+from .features import draft_size, eval_transform, resolve_device
+from .fingerprint import fingerprint, sha256_bytes, sha256_file
+from .heads import positive_probability
+from .images import decode_image
+from .schemas import SchemaError, validate_json
+from .storage import atomic_dir
+from .train import HEAD_META, HEAD_WEIGHTS, load_head
+
+MANIFEST = "manifest.json"
+FORMAT = "stage1-bundle"
+FORMAT_VERSION = 1
+# JSON files whose schema load_bundle checks, by file name
+JSON_SCHEMAS = {
+    "backbone.json": "backbone",
+    "preprocessing.json": "preprocessing",
+    "thresholds.json": "thresholds",
+}
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    path: str
+    fingerprint: str
+    name: str
+
+
+def export_bundle(
+    out_root: str | Path,
+    *,
+    name: str,
+    backbone: BackboneSpec,
+    preprocessing: dict[str, Any],
+    head_dir: str | Path,
+    thresholds: dict[str, Any],
+    metrics: dict[str, Any],
+    model_card: str,
+    inputs: dict[str, str | None],
+    files: dict[str, str | Path | bytes] | None = None,
+    json_files: dict[str, Any] | None = None,
+    policy: str = "threshold",
+) -> BundleInfo:
+    """Write a bundle under `out_root/<name>-<fingerprint[:12]>`, atomically.
+
+    `files` are copied (paths) or written (bytes) under their relative names; `json_files` are written
+    as JSON. The bundle fingerprint covers every file's hash, so identical inputs give the same bundle
+    and an existing complete bundle is reused, not rewritten.
+    """
+    validate_json(thresholds, "thresholds", source="thresholds")
+    validate_json(preprocessing, "preprocessing", source="preprocessing")
+    head_dir = Path(head_dir)
+    contents: dict[str, bytes] = {
+        "backbone.json": _json_bytes(backbone.to_json()),
+        "preprocessing.json": _json_bytes(preprocessing),
+        "thresholds.json": _json_bytes(thresholds),
+        "metrics.json": _json_bytes(metrics),
+        "model_card.md": model_card.encode(),
+        HEAD_WEIGHTS: (head_dir / HEAD_WEIGHTS).read_bytes(),
+        HEAD_META: (head_dir / HEAD_META).read_bytes(),
+    }
+    for rel, obj in (json_files or {}).items():
+        contents[rel] = _json_bytes(obj)
+    for rel, src in (files or {}).items():
+        contents[rel] = src if isinstance(src, bytes) else Path(src).read_bytes()
+    hashes = {rel: sha256_bytes(data) for rel, data in sorted(contents.items())}
+    bundle_fp = fingerprint("bundle", FORMAT_VERSION, name, policy, backbone.fingerprint, hashes, inputs)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "fingerprint": bundle_fp,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "backbone_fingerprint": backbone.fingerprint, "backbone_random_init": backbone.weights_kind == "random",
+        "policy": policy, "files": hashes, "inputs": dict(inputs), "code_version": __version__,
+    }
+    validate_json(manifest, "bundle", source=MANIFEST)
+    final = Path(out_root) / f"{name}-{bundle_fp[:12]}"
+    if final.exists():
+        try:
+            read_manifest(final)
+            return BundleInfo(path=str(final), fingerprint=bundle_fp, name=name)
+        except BundleError:
+            pass  # an unusable directory under our name: replace it below
+    with atomic_dir(final, replace=True) as tmp:
+        for rel, data in contents.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        # the manifest is written last: a directory without it is never a bundle
+        (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
+    return BundleInfo(path=str(final), fingerprint=bundle_fp, name=name)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _safe_member(root: Path, rel: str) -> Path:
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise BundleError(f"{root / MANIFEST}: file {rel!r} points outside the bundle directory")
+    return path
+
+
+def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """The manifest, after checking its schema and the sha256 of every file it lists."""
+    root = Path(bundle_dir)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST}; an interrupted export leaves none)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+    try:
+        validate_json(manifest, "bundle", source=str(mpath))
+    except SchemaError as exc:
+        raise BundleError(str(exc)) from exc
+    for rel, expected in manifest["files"].items():
+        path = _safe_member(root, rel)
+        if not path.is_file():
+            raise BundleError(f"{root}: file {rel} listed in the manifest is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…); "
+                "the bundle was modified or corrupted"
+            )
+    for rel, schema in JSON_SCHEMAS.items():
+        if rel in manifest["files"]:
+            try:
+                validate_json(json.loads((root / rel).read_text()), schema, source=str(root / rel))
+            except SchemaError as exc:
+                raise BundleError(str(exc)) from exc
+    return manifest
+
+
+def _locate_weights(spec: BackboneSpec, weights_override: str | Path | None) -> BackboneSpec:
+    """Find the backbone weights on this machine (paths differ between machines; hashes must not)."""
+    if spec.weights_kind == "random":
+        return spec
+    if weights_override is not None:
+        path = Path(weights_override)
+    elif spec.weights_kind == "package":
+        path = demo_package_weights_file()
+    elif spec.weights_kind == "hf-cache":
+        path = _hf_cached_weights(spec.name)
+    else:
+        path = Path(spec.weights_file or "")
+    if not path.is_file():
+        raise BundleError(f"backbone weights for {spec.name} not found at {path}; pass weights_override")
+    data = spec.to_json()
+    data["weights_file"] = str(path)
+    return BackboneSpec.from_json(data)
+
+
+ImageInput = str | Path | bytes | Any  # path, JPEG/PNG bytes, or a PIL image
+
+
+class Predictor:
+    """Applies a bundle to raw images: decode, transform, backbone, head, decision policy."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict[str, Any], *, device: str = "auto",
+                 weights_override: str | Path | None = None):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        read = lambda rel: json.loads((bundle_dir / rel).read_text())
+        self.spec = _locate_weights(BackboneSpec.from_json(read("backbone.json")), weights_override)
+        if self.spec.fingerprint != manifest["backbone_fingerprint"]:
+            raise BundleError(f"{bundle_dir}/backbone.json: fingerprint does not match the manifest")
+        self.preprocessing = read("preprocessing.json")
+        self.thresholds = read("thresholds.json")
+        self.metrics = read("metrics.json")
+        self.device = resolve_device(device)
+        try:
+            self.backbone = build_backbone(self.spec, verify=True).to(self.device)
+        except BackboneError as exc:
+            raise BundleError(f"{bundle_dir}: {exc}") from exc
+        self.head = load_head(bundle_dir).model.to(self.device)
+        self.transform = eval_transform(self.preprocessing)
+        self.draft = draft_size(self.preprocessing)
+        self.threshold = float(self.thresholds["threshold"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def _tensor(self, image: ImageInput) -> torch.Tensor:
+        if isinstance(image, (str, Path)):
+            image = Path(image).read_bytes()
+        return self.transform(decode_image(image, draft_size=self.draft))
+
+    def features(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
+        """Pooled backbone features, rounded through fp16 exactly like the feature store."""
+        out = []
+        bf16 = self.preprocessing["precision"] == "bf16"
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.stack([self._tensor(im) for im in images[start:start + batch_size]])
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    feats = embed(self.backbone, batch.to(self.device), self.spec.pooling)
+                out.append(feats.float().cpu().numpy().astype(np.float16).astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    def predict_proba(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
+        feats = self.features(images, batch_size=batch_size)
+        with torch.inference_mode():
+            logits = self.head(torch.as_tensor(feats, device=self.device))
+            return positive_probability(logits).double().cpu().numpy()
+
+    def predict(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> list[dict[str, Any]]:
+        """p(roadwork) and the decision for each image."""
+        probs = self.predict_proba(images, batch_size=batch_size)
+        return [
+            {"p_roadwork": float(p), "decision": int(p >= self.threshold),
+             "label": "roadwork" if p >= self.threshold else "no_roadwork"}
+            for p in probs
+        ]
+
+    def __call__(self, image: ImageInput) -> float:
+        """The subnet miner's interface: one image (PIL or bytes) in, p(roadwork) out."""
+        return float(self.predict_proba([image])[0])
+
+
+def load_bundle(bundle_dir: str | Path, *, device: str = "auto",
+                weights_override: str | Path | None = None) -> Predictor:
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    return Predictor(root, manifest, device=device, weights_override=weights_override)
+
+
+def copy_bundle(src: str | Path, dst: str | Path) -> Path:
+    """Copy a verified bundle (used when logging it as an MLflow artifact)."""
+    read_manifest(src)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return Path(dst)
+
+
+def encode_jpeg(image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,292 @@
+"""One Prefect task per pipeline stage. Each returns a small reference (paths, fingerprints, metric
+dicts), never tensors or models, and the expensive ones are cached on content fingerprints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
+from stage1core.bundle import BundleInfo
+from stage1core.bundle import export_bundle as write_bundle
+from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore
+from stage1core.features import extract_features as embed_samples
+from stage1core.fingerprint import fingerprint, sha256_file
+from stage1core.guarantees import FNRThreshold, GuaranteeConfig, fnr_threshold
+from stage1core.heads import HeadConfig
+from stage1core.home import home_path
+from stage1core.metrics import binary_metrics
+from stage1core.plots import plot_fnr_fpr
+from stage1core.sources import DataError, SourceConfig, load_sources
+from stage1core.splits import SplitConfig, make_splits, read_split_manifest, write_split_manifest
+from stage1core.storage import atomic_write_json
+from stage1core.train import TrainConfig, head_fingerprint, load_head, predict_positive, save_head
+from stage1core.train import fit_head as train_head
+
+from .caching import OutputCache
+
+
+@dataclass(frozen=True)
+class SplitRef:
+    path: str
+    fingerprint: str
+    data_fingerprint: str
+    counts: dict[str, dict[str, int]]
+    n_samples: int
+    duplicates: int
+    quarantined: int
+
+
+@dataclass(frozen=True)
+class HeadRef:
+    path: str
+    fingerprint: str
+    weights_sha256: str
+    in_dim: int
+    best_epoch: int
+    epochs_run: int
+
+
+@dataclass(frozen=True)
+class EvalRef:
+    path: str
+    fingerprint: str
+    metrics: dict[str, float]
+
+
+@task(name="build_splits")
+def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
+                 max_quarantined_fraction: float = 0.01) -> SplitRef:
+    """Scan the sources (sha256 of every image), split by hash, write the split manifest.
+
+    Not cached: new images must be seen. Cheap next to embedding.
+    """
+    logger = get_run_logger()
+    scan = load_sources(sources)
+    if scan.quarantined:
+        report = home_path("reports") / f"quarantine-{scan.fingerprint()[:16]}.json"
+        atomic_write_json(report, scan.quarantined)
+        logger.warning("%d images quarantined (listed in %s)", len(scan.quarantined), report)
+        if scan.quarantined_fraction > max_quarantined_fraction:
+            raise DataError(
+                f"{scan.quarantined_fraction:.1%} of the images could not be used (limit "
+                f"{max_quarantined_fraction:.1%}); see {report}"
+            )
+    if not scan.samples:
+        raise DataError(f"no images found in sources {[s.path for s in sources]}")
+    parts = make_splits(scan.samples, splits)
+    data_fp = scan.fingerprint()
+    path = home_path("splits") / f"{fingerprint(data_fp, splits)[:24]}.json"
+    split_fp = write_split_manifest(path, parts, splits, data_fingerprint=data_fp,
+                                    extra={"sources": [dataclasses.asdict(s) for s in sources]})
+    _, _, manifest = read_split_manifest(path)
+    logger.info("%d unique images (%d duplicates collapsed): %s", len(scan.samples), scan.duplicates,
+                json.dumps(manifest["counts"]))
+    return SplitRef(path=str(path), fingerprint=split_fp, data_fingerprint=data_fp, counts=manifest["counts"],
+                    n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=len(scan.quarantined))
+
+
+FEATURES_CACHE = OutputCache(
+    "extract_features",
+    lambda p: (p["split"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
+               p["features"].precision, p["features"].jpeg_draft),
+)
+
+
+@task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features"])
+def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
+    """Embed every image of the split manifest that is not yet in the feature store."""
+    logger = get_run_logger()
+    _, parts, _ = read_split_manifest(split.path)
+    samples = [s for rows in parts.values() for s in rows]
+    info = embed_samples(samples, backbone, features, log_fn=logger.info)
+    if info.failed:
+        logger.warning("%d images failed to decode and have no features: %s", len(info.failed), info.failed[:3])
+    FEATURES_CACHE.remember({"split": split, "backbone": backbone, "features": features}, [info.store_dir])
+    return info
+
+
+def split_arrays(split: SplitRef, feats: FeatureSetInfo, names: tuple[str, ...]
+                 ) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """(sample ids, features, labels) per split name, skipping images that failed to decode."""
+    _, parts, _ = read_split_manifest(split.path)
+    failed = {f["sample_id"] for f in feats.failed}
+    store = FeatureStore(feats.store_dir)
+    out = {}
+    for name in names:
+        rows = [s for s in parts[name] if s.sample_id not in failed]
+        ids = [s.sample_id for s in rows]
+        out[name] = (ids, store.load(ids), np.array([s.label for s in rows], dtype=np.int64))
+    return out
+
+
+HEAD_CACHE = OutputCache(
+    "fit_head",
+    lambda p: head_fingerprint(p["feats"].fingerprint, p["split"].fingerprint, p["head"], p["train"]),
+)
+
+
+@task(name="fit_head", cache_key_fn=HEAD_CACHE, persist_result=True)
+def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: TrainConfig) -> HeadRef:
+    """Train the head on cached train features, early-stopping on val."""
+    logger = get_run_logger()
+    arrays = split_arrays(split, feats, ("train", "val"))
+    (_, xt, yt), (_, xv, yv) = arrays["train"], arrays["val"]
+
+    def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+        logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    trained = train_head(xt, yt, xv, yv, head=head, config=train, log_fn=log_epoch)
+    fp = head_fingerprint(feats.fingerprint, split.fingerprint, head, train)
+    path = home_path("heads") / fp[:24]
+    sha = save_head(path, trained, extra={"fingerprint": fp, "features": feats.fingerprint,
+                                          "split": split.fingerprint, "train": dataclasses.asdict(train)})
+    HEAD_CACHE.remember({"split": split, "feats": feats, "head": head, "train": train}, [path])
+    return HeadRef(path=str(path), fingerprint=fp, weights_sha256=sha, in_dim=trained.in_dim,
+                   best_epoch=trained.best_epoch, epochs_run=len(trained.history))
+
+
+def _scores(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, name: str
+            ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ids, x, y = split_arrays(split, feats, (name,))[name]
+    return ids, predict_positive(load_head(head.path).model, x), y
+
+
+THRESHOLD_CACHE = OutputCache(
+    "calibrate_threshold",
+    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["guarantee"]),
+)
+
+
+@task(name="calibrate_threshold", cache_key_fn=THRESHOLD_CACHE, persist_result=True)
+def calibrate_threshold(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
+                        guarantee: GuaranteeConfig) -> dict[str, Any]:
+    """The decision threshold with P(FNR <= alpha) >= 1 - delta, fitted on the calib split only."""
+    _, p, y = _scores(split, feats, head, "calib")
+    fitted = fnr_threshold(p[y == 1], guarantee)
+    get_run_logger().info(
+        "threshold %.4f = %d-th smallest of %d calib positive scores; P(FNR > %.3f) <= %.4f",
+        fitted.threshold, fitted.k, fitted.n_positives, guarantee.alpha, fitted.violation_bound,
+    )
+    return {"policy": "threshold", "score": "p_roadwork", **fitted.to_json()}
+
+
+EVAL_CACHE = OutputCache(
+    "evaluate_test",
+    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["thresholds"]),
+)
+
+
+@task(name="evaluate_test", cache_key_fn=EVAL_CACHE, persist_result=True)
+def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, thresholds: dict[str, Any]) -> EvalRef:
+    """Metrics on the test split at the guaranteed threshold, the FNR/FPR plot, the test predictions."""
+    ids, p, y = _scores(split, feats, head, "test")
+    fitted = FNRThreshold.from_json({k: v for k, v in thresholds.items() if k not in ("policy", "score")})
+    metrics = binary_metrics(y, p, threshold=fitted.threshold)
+    at_half = binary_metrics(y, p, threshold=0.5)
+    metrics.update({f"{k}_at_0.5": at_half[k] for k in ("accuracy", "mcc", "fnr", "fpr")})
+    fp = fingerprint("evaluation", split.fingerprint, feats.fingerprint, head.fingerprint, thresholds)
+    out = home_path("evaluations", fp[:24])
+    plot_fnr_fpr(y, p, out / "fnr_fpr.png", threshold=fitted.threshold, alpha=fitted.alpha)
+    atomic_write_json(out / "test_predictions.json",
+                      {"sample_ids": ids, "labels": y.tolist(), "p_roadwork": p.tolist()})
+    atomic_write_json(out / "metrics.json", _json_safe(metrics))
+    EVAL_CACHE.remember({"split": split, "feats": feats, "head": head, "thresholds": thresholds}, [out])
+    return EvalRef(path=str(out), fingerprint=fp, metrics=_json_safe(metrics))
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        v = v.item() if hasattr(v, "item") else v
+        out[k] = None if isinstance(v, float) and not np.isfinite(v) else v
+    return out
+
+
+def model_card(*, name: str, spec: BackboneSpec, split: SplitRef, metrics: dict[str, Any],
+               thresholds: dict[str, Any], head: HeadRef, head_config: HeadConfig) -> str:
+    counts = split.counts
+    rows = "\n".join(
+        f"| {s} | {c.get('0', 0)} | {c.get('1', 0)} | {c.get('total', 0)} |" for s, c in counts.items()
+    )
+    stand_in = ""
+    if "dinov3" not in spec.name:
+        stand_in = (f"\n> The backbone `{spec.name}` stands in for DINOv3 (demo or test run); production "
+                    "bundles use a DINOv3 backbone.\n")
+    if spec.weights_kind == "random":
+        stand_in += "\n> **Random-init backbone**: features carry no pretrained knowledge (baseline/test only).\n"
+
+    def fmt(key: str) -> str:
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return f"""# {name}: roadwork classifier bundle
+{stand_in}
+## Model
+- Backbone: `{spec.name}` (weights: {spec.weights_kind}, sha256 `{(spec.weights_sha256 or 'none')[:16]}`),
+  frozen, pooling `{spec.pooling}`, fingerprint `{spec.fingerprint[:16]}`
+- Head: `{head_config.kind}` on {head.in_dim}-d features, best epoch {head.best_epoch} of {head.epochs_run}
+
+## Data
+Data fingerprint `{split.data_fingerprint[:16]}`, split manifest `{split.fingerprint[:16]}`,
+{split.n_samples} unique images ({split.duplicates} duplicates collapsed, {split.quarantined} quarantined).
+
+| split | no roadwork | roadwork | total |
+|---|---|---|---|
+{rows}
+
+## Decision rule and guarantee
+Predict roadwork iff p(roadwork) >= {thresholds['threshold']:.6f}. Chosen on the calib split as the
+{thresholds['k']}-th smallest of {thresholds['n_positives']} positive scores, so that
+P(FNR <= {thresholds['alpha']}) >= 1 - {thresholds['delta']} over calib draws (bound
+{thresholds['violation_bound']:.4f}); see docs/guarantees.md.
+
+## Test metrics (threshold above)
+accuracy {fmt('accuracy')}, MCC {fmt('mcc')}, AUROC {fmt('auroc')}, FNR {fmt('fnr')}, FPR {fmt('fpr')},
+ECE {fmt('ece')} (top-label, 15 equal-width bins), NLL {fmt('nll')}, Brier {fmt('brier')};
+at 0.5: accuracy {fmt('accuracy_at_0.5')}, MCC {fmt('mcc_at_0.5')}.
+
+## Known limits
+The FNR guarantee holds for data distributed like the calib split; a shift in cameras, regions or
+seasons voids it until recalibrated. Test metrics come from {counts.get('test', {}).get('total', 0)} images.
+"""
+
+
+EXPORT_CACHE = OutputCache(
+    "export_bundle",
+    lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
+               p["thresholds"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
+               p["head_config"]),
+)
+
+
+@task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
+def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef, head_config: HeadConfig,
+                  thresholds: dict[str, Any], evaluation: EvalRef, backbone: BackboneConfig) -> BundleInfo:
+    """Write the bundle under $STAGE1_HOME/bundles and verify it loads."""
+    store_meta = FeatureStore(feats.store_dir).meta
+    spec = BackboneSpec.from_json(store_meta["backbone"])
+    preprocessing = {**store_meta["preprocessing"], "precision": store_meta["precision"]}
+    eval_dir = Path(evaluation.path)
+    info = write_bundle(
+        home_path("bundles"), name=name, backbone=spec, preprocessing=preprocessing, head_dir=head.path,
+        thresholds=thresholds, metrics=evaluation.metrics,
+        model_card=model_card(name=name, spec=spec, split=split, metrics=evaluation.metrics,
+                              thresholds=thresholds, head=head, head_config=head_config),
+        inputs={"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
+                "features_fingerprint": feats.fingerprint, "head_fingerprint": head.fingerprint,
+                "split_manifest_sha256": sha256_file(split.path)},
+        files={"plots/fnr_fpr.png": eval_dir / "fnr_fpr.png",
+               "test_predictions.json": eval_dir / "test_predictions.json"},
+    )
+    get_run_logger().info("bundle %s", info.path)
+    EXPORT_CACHE.remember(
+        {"name": name, "split": split, "feats": feats, "head": head, "thresholds": thresholds,
+         "evaluation": evaluation, "backbone": backbone, "head_config": head_config}, [info.path])
+    return info

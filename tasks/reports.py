@@ -1,0 +1,65 @@
+"""Prefect artifacts that summarise a run: a metrics table, a markdown summary, a link to MLflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
+from stage1core.home import home_path
+from stage1core.sources import SourceConfig
+
+METRIC_ORDER = ("accuracy", "mcc", "auroc", "fnr", "fpr", "precision", "recall", "ece", "nll", "brier",
+                "accuracy_at_0.5", "mcc_at_0.5")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "n/a" if value is None else str(value)
+
+
+@task(name="publish_reports")
+def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bundle_path: str,
+                    mlflow_run: dict[str, str], registered: dict[str, str] | None, counts: dict[str, Any]) -> None:
+    rows = [{"metric": k, "test": _fmt(metrics.get(k))} for k in METRIC_ORDER if k in metrics]
+    create_table_artifact(key="test-metrics", table=rows,
+                          description="Test-split metrics at the guaranteed threshold")
+    version = (f"{registered['model_name']} v{registered['version']} (@{registered['alias']})"
+               if registered else "not registered")
+    split_rows = "\n".join(
+        f"| {s} | {c.get('0', 0)} | {c.get('1', 0)} | {c.get('total', 0)} |" for s, c in counts.items()
+    )
+    create_markdown_artifact(
+        key="run-summary",
+        markdown=f"""# train-pipeline summary
+
+| split | no roadwork | roadwork | total |
+|---|---|---|---|
+{split_rows}
+
+**Decision threshold** {thresholds['threshold']:.6f}: P(FNR ≤ {thresholds['alpha']}) ≥ 1 − {thresholds['delta']}
+(k = {thresholds['k']} of {thresholds['n_positives']} calib positives).
+
+**Test**: MCC {_fmt(metrics.get('mcc'))}, accuracy {_fmt(metrics.get('accuracy'))}, AUROC {_fmt(metrics.get('auroc'))},
+FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metrics.get('ece'))}.
+
+- **Bundle** `{bundle_path}`
+- **Model** {version}
+- **MLflow run** [{mlflow_run['run_id']}]({mlflow_run['url']})
+""",
+        description="stage1 training run",
+    )
+    create_link_artifact(key="mlflow-run", link=mlflow_run["url"], link_text="MLflow run",
+                         description="The MLflow run of this flow run")
+
+
+@task(name="ensure_demo_data")
+def ensure_demo_data(config: DemoConfig = DemoConfig()) -> SourceConfig:
+    """The embedded default source: the procedural demo dataset under $STAGE1_HOME, made if absent."""
+    out = home_path("demo-data")
+    if not demo_dataset_ready(out, config):
+        generate_demo_dataset(out, config)
+    return SourceConfig(path=str(out), kind="folder", name="demo")

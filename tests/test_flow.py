@@ -1,0 +1,136 @@
+"""End to end: train_pipeline on tiny demo data with a tiny random-init DINOv3 (Eva) backbone, under
+a Prefect test server and a temporary MLflow store."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stage1core.backbone import BackboneConfig
+from stage1core.features import FeatureConfig
+from stage1core.guarantees import GuaranteeConfig
+from stage1core.sources import SourceConfig
+from stage1core.splits import SplitConfig
+from stage1core.train import TrainConfig
+from tests.conftest import TINY_EVA
+
+pytestmark = pytest.mark.slow
+
+
+def params(tiny_demo, **over):
+    from flows.train_pipeline import RegistryConfig
+
+    base = {
+        "sources": [SourceConfig(path=str(tiny_demo), kind="folder", name="tiny")],
+        "splits": SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15),
+        "backbone": BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                                   model_kwargs=dict(TINY_EVA), input_size=32),
+        "features": FeatureConfig(batch_size=32, num_workers=0),
+        "train": TrainConfig(epochs=4, batch_size=32),
+        "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
+        "registry": RegistryConfig(experiment="flow-test", model_name="stage1-flow-test"),
+    }
+    base.update(over)
+    return base
+
+
+def task_states(flow_run_id: str) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, tiny_demo):
+    from flows.train_pipeline import train_pipeline
+
+    return train_pipeline(**params(tiny_demo))
+
+
+def test_pipeline_registers_a_valid_bundle(first_run, tiny_demo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from stage1core.bundle import load_bundle, read_manifest
+    from stage1core.splits import read_split_manifest
+
+    result = first_run
+    manifest = read_manifest(result["bundle_path"])
+    assert manifest["backbone_random_init"] is True and manifest["policy"] == "threshold"
+    thr = result["thresholds"]
+    assert thr["violation_bound"] <= 0.2 and thr["n_positives"] >= 8
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("stage1-flow-test", "challenger")
+    assert str(version.version) == result["registered"]["version"] == "1"
+    assert version.tags["bundle_fingerprint"] == result["bundle_fingerprint"]
+    assert version.tags["prefect_flow_run_id"] == result["flow_run_id"]
+    assert "roadwork classifier bundle" in version.description
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
+    assert run.data.tags["data_fingerprint"] == manifest["inputs"]["data_fingerprint"]
+    assert "test/mcc" in run.data.metrics and run.data.params["backbone.name"] == "vit_small_patch16_dinov3"
+    history = client.get_metric_history(result["mlflow_run_id"], "train/val_loss")
+    assert len(history) >= 2 and sorted(m.step for m in history) == list(range(len(history)))
+    artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "bundle")}
+    assert "bundle/manifest.json" in artifacts and "bundle/head.safetensors" in artifacts
+
+    # the Predictor reproduces the bundle's test predictions from the raw image files
+    preds = json.loads((Path(result["bundle_path"]) / "test_predictions.json").read_text())
+    _, splits, _ = read_split_manifest(result["split_manifest"])
+    locator = {s.sample_id: s.locator for s in splits["test"]}
+    predictor = load_bundle(result["bundle_path"], device="cpu")
+    p = predictor.predict_proba([locator[sid] for sid in preds["sample_ids"]])
+    np.testing.assert_allclose(p, preds["p_roadwork"], atol=1e-5)
+
+    # the registered pyfunc serves the same numbers from base64 JPEG input
+    import base64
+
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/stage1-flow-test@challenger")
+    sid = preds["sample_ids"][0]
+    frame = pd.DataFrame({"image": [base64.b64encode(open(locator[sid], "rb").read()).decode()]})
+    out = model.predict(frame)
+    assert out["p_roadwork"][0] == pytest.approx(preds["p_roadwork"][0], abs=1e-5)
+
+
+def test_second_run_is_served_from_cache(first_run, tiny_demo):
+    from flows.train_pipeline import train_pipeline
+
+    second = train_pipeline(**params(tiny_demo))
+    states = task_states(second["flow_run_id"])
+    for name in ("extract_features", "fit_head", "calibrate_threshold", "evaluate_test", "export_bundle"):
+        assert states[name] == "Cached", (name, states)
+    assert states["build_splits"] == "Completed"
+    assert second["bundle_fingerprint"] == first_run["bundle_fingerprint"]
+    assert second["registered"]["version"] == first_run["registered"]["version"]  # no duplicate version
+    assert second["metrics"] == first_run["metrics"]
+
+
+def test_deleted_outputs_are_recomputed_not_served_stale(first_run, tiny_demo):
+    import shutil
+
+    from flows.train_pipeline import train_pipeline
+
+    shutil.rmtree(first_run["bundle_path"])
+    third = train_pipeline(**params(tiny_demo))
+    states = task_states(third["flow_run_id"])
+    assert states["export_bundle"] == "Completed" and states["fit_head"] == "Cached"
+    assert third["bundle_path"] == first_run["bundle_path"]
+    from stage1core.bundle import read_manifest
+
+    read_manifest(third["bundle_path"])
+
+
+def test_too_few_calib_positives_fails_with_the_needed_number(prefect_server, tiny_demo):
+    from flows.train_pipeline import train_pipeline
+    from stage1core.guarantees import InsufficientCalibrationData
+
+    with pytest.raises(InsufficientCalibrationData, match="149"):
+        train_pipeline(**params(tiny_demo, guarantee=GuaranteeConfig(alpha=0.02, delta=0.05)))

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from stage1core.heads import HeadConfig
+from stage1core.train import TrainConfig, fit_head, load_head, predict_positive, save_head
+
+
+def blobs(n=600, d=32, seed=0, shift=2.0, pos_fraction=0.5):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < pos_fraction).astype(np.int64)
+    x = rng.normal(size=(n, d)).astype(np.float32) * 3 + 5  # off-centre and scaled: the head standardises
+    x[:, :4] += shift * y[:, None] * 3
+    return x, y
+
+
+FAST = TrainConfig(epochs=15, batch_size=64, patience=15, lr=5e-3)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_learns_separable_data(kind):
+    x, y = blobs()
+    xv, yv = blobs(seed=1)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind=kind), config=FAST)
+    acc = ((predict_positive(trained.model, xv) >= 0.5) == yv).mean()
+    assert acc > 0.9
+    assert len(trained.history) == 15 and trained.history[-1]["train_loss"] < trained.history[0]["train_loss"]
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    x, y = blobs()
+    xv, yv = blobs(seed=1)
+    a = fit_head(x, y, xv, yv, config=FAST)
+    b = fit_head(x, y, xv, yv, config=FAST)
+    c = fit_head(x, y, xv, yv, config=TrainConfig(epochs=15, batch_size=64, patience=15, seed=1))
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_early_stopping_keeps_best_epoch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 64)).astype(np.float32)
+    y = rng.integers(0, 2, 200)
+    xv = rng.normal(size=(100, 64)).astype(np.float32)
+    yv = rng.integers(0, 2, 100)  # pure noise: validation loss stops improving quickly
+    trained = fit_head(x, y, xv, yv, config=TrainConfig(epochs=60, patience=3, lr=3e-3, ema_decay=0.0))
+    assert len(trained.history) < 60
+    losses = [h["val_loss"] for h in trained.history]
+    assert trained.best_epoch == int(np.argmin(losses))
+    assert len(trained.history) == trained.best_epoch + 1 + 3
+
+
+def test_class_weighting_raises_recall_of_the_rare_class():
+    x, y = blobs(n=1000, shift=0.35, pos_fraction=0.1, seed=2)
+    xv, yv = blobs(n=1000, shift=0.35, pos_fraction=0.1, seed=3)
+    recall = {}
+    for weighting in (False, True):
+        cfg = TrainConfig(epochs=10, batch_size=64, patience=10, class_weighting=weighting, label_smoothing=0.1)
+        p = predict_positive(fit_head(x, y, xv, yv, config=cfg).model, xv)
+        recall[weighting] = ((p >= 0.5) & (yv == 1)).sum() / (yv == 1).sum()
+    assert recall[True] > recall[False] + 0.1
+
+
+def test_save_and_load_round_trip(tmp_path):
+    x, y = blobs()
+    trained = fit_head(x, y, x, y, config=TrainConfig(epochs=2))
+    sha = save_head(tmp_path / "head", trained)
+    assert len(sha) == 64
+    loaded = load_head(tmp_path / "head")
+    np.testing.assert_array_equal(predict_positive(trained.model, x), predict_positive(loaded.model, x))
+
+
+def test_bad_inputs_are_named():
+    x, y = blobs(n=50)
+    with pytest.raises(ValueError, match="val split needs both classes"):
+        fit_head(x, y, x, np.zeros_like(y))
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="train features contain NaN"):
+        fit_head(bad, y, x, y)
