@@ -15,12 +15,13 @@ from stage1core.backbone import BackboneConfig
 from stage1core.features import FeatureConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
+from stage1core.policy import PolicyConfig
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
 from stage1core.train import TrainConfig
 from tasks.pipeline import (
     build_splits,
-    calibrate_threshold,
+    calibrate,
     evaluate_test,
     export_bundle,
     extract_features,
@@ -61,6 +62,7 @@ def train_pipeline(
     head: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
     guarantee: GuaranteeConfig = GuaranteeConfig(),
+    policy: PolicyConfig = PolicyConfig(),
     registry: RegistryConfig = RegistryConfig(),
     max_quarantined_fraction: float = 0.01,
 ) -> dict[str, Any]:
@@ -81,18 +83,20 @@ def train_pipeline(
         split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
         feats = extract_features(split, backbone, features)
         head_ref = fit_head(split, feats, head, train)
-        thresholds = calibrate_threshold(split, feats, head_ref, guarantee)
-        evaluation = evaluate_test(split, feats, head_ref, thresholds)
+        policy_files = calibrate(split, feats, head_ref, guarantee, policy)
+        thresholds = policy_files["thresholds.json"]
+        evaluation = evaluate_test(split, feats, head_ref, policy_files)
         bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
-                               head_config=head, thresholds=thresholds, evaluation=evaluation, backbone=backbone)
+                               head_config=head, policy_files=policy_files, evaluation=evaluation,
+                               backbone=backbone)
         params = {name: dataclasses.asdict(cfg) for name, cfg in (
             ("splits", splits), ("backbone", backbone), ("features", features), ("head", head),
-            ("train", train), ("guarantee", guarantee))}
+            ("train", train), ("guarantee", guarantee), ("policy", policy))}
         params["sources"] = [dataclasses.asdict(s) for s in sources]
         log_params(run["run_id"], params)
         client_tags = {"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
                        "split_salt": splits.salt, "bundle_fingerprint": bundle.fingerprint,
-                       "features_fingerprint": feats.fingerprint}
+                       "features_fingerprint": feats.fingerprint, "policy": policy.policy}
         _set_run_tags(run["run_id"], client_tags)
         log_training_history(run["run_id"], head_ref.path)
         log_results(run["run_id"], evaluation.metrics, bundle)

@@ -32,11 +32,11 @@ from .backbone import (
 )
 from .features import draft_size, eval_transform, resolve_device
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
-from .heads import positive_probability
 from .images import decode_image
+from .policy import FittedPolicy
 from .schemas import SchemaError, validate_json
 from .storage import atomic_dir
-from .train import HEAD_META, HEAD_WEIGHTS, load_head
+from .train import HEAD_META, HEAD_WEIGHTS, head_outputs, load_head
 
 MANIFEST = "manifest.json"
 FORMAT = "stage1-bundle"
@@ -46,7 +46,12 @@ JSON_SCHEMAS = {
     "backbone.json": "backbone",
     "preprocessing.json": "preprocessing",
     "thresholds.json": "thresholds",
+    "policy.json": "policy",
+    "calibration.json": "calibration",
+    "gateparams.json": "gateparams",
+    "scrcparams.json": "scrcparams",
 }
+POLICY_FILES = ("thresholds.json", "policy.json", "calibration.json", "gateparams.json", "scrcparams.json")
 
 
 class BundleError(ValueError):
@@ -67,27 +72,34 @@ def export_bundle(
     backbone: BackboneSpec,
     preprocessing: dict[str, Any],
     head_dir: str | Path,
-    thresholds: dict[str, Any],
+    policy_files: dict[str, dict[str, Any]],
     metrics: dict[str, Any],
     model_card: str,
     inputs: dict[str, str | None],
     files: dict[str, str | Path | bytes] | None = None,
     json_files: dict[str, Any] | None = None,
-    policy: str = "threshold",
 ) -> BundleInfo:
     """Write a bundle under `out_root/<name>-<fingerprint[:12]>`, atomically.
 
-    `files` are copied (paths) or written (bytes) under their relative names; `json_files` are written
-    as JSON. The bundle fingerprint covers every file's hash, so identical inputs give the same bundle
-    and an existing complete bundle is reused, not rewritten.
+    `policy_files` are the decision policy's JSON files (stage1core.policy.FittedPolicy.files(): at
+    least thresholds.json and policy.json). `files` are copied (paths) or written (bytes) under their
+    relative names; `json_files` are written as JSON. The bundle fingerprint covers every file's hash,
+    so identical inputs give the same bundle and an existing complete bundle is reused, not rewritten.
     """
-    validate_json(thresholds, "thresholds", source="thresholds")
+    for rel in ("thresholds.json", "policy.json"):
+        if rel not in policy_files:
+            raise BundleError(f"policy_files must include {rel}")
+    for rel, doc in policy_files.items():
+        if rel not in POLICY_FILES:
+            raise BundleError(f"unknown policy file {rel!r}; expected one of {POLICY_FILES}")
+        validate_json(doc, JSON_SCHEMAS[rel], source=rel)
     validate_json(preprocessing, "preprocessing", source="preprocessing")
+    policy = policy_files["policy.json"]["policy"]
     head_dir = Path(head_dir)
     contents: dict[str, bytes] = {
         "backbone.json": _json_bytes(backbone.to_json()),
         "preprocessing.json": _json_bytes(preprocessing),
-        "thresholds.json": _json_bytes(thresholds),
+        **{rel: _json_bytes(doc) for rel, doc in policy_files.items()},
         "metrics.json": _json_bytes(metrics),
         "model_card.md": model_card.encode(),
         HEAD_WEIGHTS: (head_dir / HEAD_WEIGHTS).read_bytes(),
@@ -201,17 +213,17 @@ class Predictor:
         if self.spec.fingerprint != manifest["backbone_fingerprint"]:
             raise BundleError(f"{bundle_dir}/backbone.json: fingerprint does not match the manifest")
         self.preprocessing = read("preprocessing.json")
-        self.thresholds = read("thresholds.json")
+        self.policy = FittedPolicy.from_files({rel: read(rel) for rel in POLICY_FILES if rel in manifest["files"]})
         self.metrics = read("metrics.json")
         self.device = resolve_device(device)
         try:
             self.backbone = build_backbone(self.spec, verify=True).to(self.device)
         except BackboneError as exc:
             raise BundleError(f"{bundle_dir}: {exc}") from exc
-        self.head = load_head(bundle_dir).model.to(self.device)
+        self.head = load_head(bundle_dir).model
         self.transform = eval_transform(self.preprocessing)
         self.draft = draft_size(self.preprocessing)
-        self.threshold = float(self.thresholds["threshold"])
+        self.threshold = float(self.policy.threshold.threshold)
 
     @property
     def fingerprint(self) -> str:
@@ -234,20 +246,31 @@ class Predictor:
                 out.append(feats.float().cpu().numpy().astype(np.float16).astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+    def apply_policy(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """The decision policy on (cached or fresh) features: p_raw, p, accepted, decision, set."""
+        out = head_outputs(self.head, features)
+        return self.policy.apply(out["logits"], out.get("gate_logit"))
+
     def predict_proba(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
-        feats = self.features(images, batch_size=batch_size)
-        with torch.inference_mode():
-            logits = self.head(torch.as_tensor(feats, device=self.device))
-            return positive_probability(logits).double().cpu().numpy()
+        """Calibrated p(roadwork) per image."""
+        return self.apply_policy(self.features(images, batch_size=batch_size))["p"]
 
     def predict(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> list[dict[str, Any]]:
-        """p(roadwork) and the decision for each image."""
-        probs = self.predict_proba(images, batch_size=batch_size)
-        return [
-            {"p_roadwork": float(p), "decision": int(p >= self.threshold),
-             "label": "roadwork" if p >= self.threshold else "no_roadwork"}
-            for p in probs
-        ]
+        """Per image: calibrated p(roadwork), the raw head probability, the decision (None when the policy
+        abstains), and the prediction set ([] when abstaining)."""
+        out = self.apply_policy(self.features(images, batch_size=batch_size))
+        sets = {-1: [], 0: [0], 1: [1], 2: [0, 1]}
+        results = []
+        for i in range(len(out["p"])):
+            decision = int(out["decision"][i])
+            results.append({
+                "p_roadwork": float(out["p"][i]), "p_roadwork_raw": float(out["p_raw"][i]),
+                "decision": None if decision < 0 else decision, "abstain": bool(decision < 0),
+                "prediction_set": sets[int(out["set"][i])],
+                "label": "abstain" if decision < 0 else ("roadwork" if decision == 1 else "no_roadwork"),
+                "policy": self.policy.policy,
+            })
+        return results
 
     def __call__(self, image: ImageInput) -> float:
         """The subnet miner's interface: one image (PIL or bytes) in, p(roadwork) out."""

@@ -501,13 +501,6 @@ class _Painter:
             side = int(rng.choice([-1, 1]))
             z = self.random_z(1.5, 30)
             self.add(z, _bind(self.bin, self.walk_x(side), z, _jitter(rng, HARD_CLOTHES[int(rng.integers(2))], 10)))
-        if rng.random() < 0.05:  # red and white bollards (not roadwork)
-            side = int(rng.choice([-1, 1]))
-            x = (self.road_left - 0.25) if side < 0 else (self.road_right + 0.25)
-            z0 = self.random_z(1.5, 25)
-            for k in range(int(rng.integers(2, 6))):
-                z = z0 + 2.0 * k
-                self.add(z, _bind(self.bollard, x, z))
 
     def roadwork(self) -> None:
         """One to several groups of roadwork evidence, the first at the focus spot (sometimes small, far)."""
@@ -522,7 +515,7 @@ class _Painter:
         """A look-alike at the focus spot of a scene without roadwork."""
         rng = self.rng
         x, z = self.focus
-        kind = str(rng.choice(["person", "sign", "bin", "bollards", "car"]))
+        kind = str(rng.choice(["person", "person", "sign", "sign", "bin", "car"]))
         if kind == "person":
             clothes = HARD_CLOTHES if rng.random() < 0.5 else CLOTHES
             self.add(z, _bind(self.person, x, z, clothes[int(rng.integers(len(clothes)))], False))
@@ -531,9 +524,6 @@ class _Painter:
                               float(rng.uniform(0.6, 0.9)), 2.2, False))
         elif kind == "bin":
             self.add(z, _bind(self.bin, x, z, _jitter(rng, HARD_CLOTHES[int(rng.integers(2))], 10)))
-        elif kind == "bollards":
-            for k in range(int(rng.integers(2, 5))):
-                self.add(z + 2.0 * k, _bind(self.bollard, x, z + 2.0 * k))
         else:
             colour = HARD_CAR_COLOURS[int(rng.integers(len(HARD_CAR_COLOURS)))]
             self.add(z, _bind(self.vehicle, x, z, _jitter(rng, colour, 10), "car"))
@@ -543,7 +533,7 @@ class _Painter:
     ) -> tuple[float, float]:
         rng = self.rng
         if rng.random() < near_share:  # most evidence is close enough to see well; the rest small and far
-            far = min(far, 11.0)
+            far = min(far, 8.0)
         for _ in range(20):
             z = self.random_z(near, far)
             if on_road:
@@ -878,17 +868,14 @@ class _Painter:
             d.ellipse([px - r, py - r * 0.4, px + r, py + r * 0.4], fill=_shade(colour, float(rng.uniform(0.6, 1.2))))
 
     def bin(self, x: float, z: float, colour: RGB) -> None:
-        s = self.cam.scale(z)
+        """A street litter bin on a post (orange or yellow, like many city bins)."""
+        d, s = self.draw, self.cam.scale(z)
         bx, by = self.cam.pt(x, 0.15, z)
-        self.draw.rectangle([bx - 0.3 * s, by - 1.0 * s, bx + 0.3 * s, by], fill=colour)
-        self.draw.rectangle([bx - 0.33 * s, by - 1.05 * s, bx + 0.33 * s, by - 0.95 * s], fill=_shade(colour, 0.7))
+        d.rectangle([bx - 0.04 * s, by - 0.9 * s, bx + 0.04 * s, by], fill=(70, 72, 75))
+        d.rounded_rectangle([bx - 0.2 * s, by - 1.0 * s, bx + 0.2 * s, by - 0.45 * s], radius=0.08 * s, fill=colour)
+        d.chord([bx - 0.2 * s, by - 1.08 * s, bx + 0.2 * s, by - 0.92 * s], 180, 360, fill=(50, 50, 52))
+        d.rectangle([bx - 0.12 * s, by - 0.9 * s, bx + 0.12 * s, by - 0.86 * s], fill=(30, 30, 30))
 
-    def bollard(self, x: float, z: float) -> None:
-        s = self.cam.scale(z)
-        bx, by = self.cam.pt(x, 0.15, z)
-        for k in range(4):
-            self.draw.rectangle([bx - 0.06 * s, by - (k + 1) * 0.25 * s, bx + 0.06 * s, by - k * 0.25 * s],
-                                fill=RED if k % 2 else WHITE)
 
     # -- the camera ---------------------------------------------------------------------------------------
 
@@ -956,7 +943,7 @@ def render_scene(rng: np.random.Generator, *, width: int, height: int, roadwork:
     painter.background_objects()
     if roadwork:
         painter.roadwork()
-    elif rng.random() < 0.35:
+    elif rng.random() < 0.3:
         painter.decoy()
     painter.flush()
     return painter.develop((width, height))

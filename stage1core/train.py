@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .fingerprint import fingerprint, sha256_file
-from .heads import HeadConfig, build_head, positive_probability
-from .losses import class_weighted_ce, class_weights_from_labels
+from .heads import HeadConfig, SelectiveHead, build_head, positive_probability
+from .losses import class_weighted_ce, class_weights_from_labels, selectivenet_loss
 from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,18 @@ def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:
         raise ValueError(f"{name} split needs both classes, has labels {sorted(set(np.unique(y).tolist()))}")
 
 
+def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tensor, *,
+              class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The training loss of a head kind: class-weighted CE (with label smoothing), or for the selective
+    head the SelectiveNet loss on plain class-weighted CE (docs/selective.md)."""
+    if head.kind == "selective":
+        cls, gate, aux = model(x, return_all=True)
+        loss, _ = selectivenet_loss(cls, gate, aux, y, coverage=head.target_coverage, lam=head.coverage_lambda,
+                                    alpha=head.selective_alpha, class_weights=class_weights)
+        return loss
+    return class_weighted_ce(model(x), y, class_weights=class_weights, label_smoothing=label_smoothing)
+
+
 def fit_head(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -144,10 +156,8 @@ def fit_head(
         model.train()
         running, seen = 0.0, 0
         for xb, yb in loader:
-            logits = model(xb)
-            loss = class_weighted_ce(
-                logits, yb, class_weights=train_weights, label_smoothing=config.label_smoothing
-            )
+            loss = head_loss(model, head, xb, yb, class_weights=train_weights,
+                             label_smoothing=config.label_smoothing)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -161,7 +171,7 @@ def fit_head(
         judged.eval()
         with torch.no_grad():
             val_logits = judged(xv)
-            val_loss = float(class_weighted_ce(val_logits, yv, class_weights=val_weights))
+            val_loss = float(head_loss(judged, head, xv, yv, class_weights=val_weights))
             val_acc = float((val_logits.argmax(-1) == yv).float().mean())
         row = {
             "epoch": epoch, "step": step, "train_loss": running / seen, "val_loss": val_loss,
@@ -183,6 +193,25 @@ def fit_head(
     final.eval()
     accelerator.free_memory()
     return TrainedHead(model=final, head=head, in_dim=int(xt.shape[1]), history=history, best_epoch=best_epoch)
+
+
+def head_outputs(model: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Class logits (n, 2) for any head, plus the gate logit (n,) for a selective head."""
+    model.eval()
+    logits, gates = [], []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            xb = torch.as_tensor(features[start:start + batch_size], dtype=torch.float32)
+            if isinstance(model, SelectiveHead):
+                cls, gate, _ = model(xb, return_all=True)
+                gates.append(gate.double().numpy())
+            else:
+                cls = model(xb)
+            logits.append(cls.double().numpy())
+    out = {"logits": np.concatenate(logits) if logits else np.zeros((0, 2))}
+    if gates:
+        out["gate_logit"] = np.concatenate(gates)
+    return out
 
 
 def predict_positive(model: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:

@@ -15,18 +15,18 @@ from prefect import get_run_logger, task
 from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
 from stage1core.bundle import BundleInfo
 from stage1core.bundle import export_bundle as write_bundle
+from stage1core.evaluation import evaluate_policy
 from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore
 from stage1core.features import extract_features as embed_samples
 from stage1core.fingerprint import fingerprint, sha256_file
-from stage1core.guarantees import FNRThreshold, GuaranteeConfig, fnr_threshold
+from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.home import home_path
-from stage1core.metrics import binary_metrics
-from stage1core.plots import plot_fnr_fpr
+from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
 from stage1core.sources import DataError, SourceConfig, load_sources
 from stage1core.splits import SplitConfig, make_splits, read_split_manifest, write_split_manifest
 from stage1core.storage import atomic_write_json
-from stage1core.train import TrainConfig, head_fingerprint, load_head, predict_positive, save_head
+from stage1core.train import TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
 
 from .caching import OutputCache
@@ -152,53 +152,61 @@ def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: Tr
                    best_epoch=trained.best_epoch, epochs_run=len(trained.history))
 
 
-def _scores(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, name: str
-            ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _outputs(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, name: str
+             ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
     ids, x, y = split_arrays(split, feats, (name,))[name]
-    return ids, predict_positive(load_head(head.path).model, x), y
+    return ids, head_outputs(load_head(head.path).model, x), y
 
 
-THRESHOLD_CACHE = OutputCache(
-    "calibrate_threshold",
-    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["guarantee"]),
+POLICY_CACHE = OutputCache(
+    "calibrate",
+    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["guarantee"], p["policy"]),
 )
 
 
-@task(name="calibrate_threshold", cache_key_fn=THRESHOLD_CACHE, persist_result=True)
-def calibrate_threshold(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
-                        guarantee: GuaranteeConfig) -> dict[str, Any]:
-    """The decision threshold with P(FNR <= alpha) >= 1 - delta, fitted on the calib split only."""
-    _, p, y = _scores(split, feats, head, "calib")
-    fitted = fnr_threshold(p[y == 1], guarantee)
+@task(name="calibrate", cache_key_fn=POLICY_CACHE, persist_result=True)
+def calibrate(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, guarantee: GuaranteeConfig,
+              policy: PolicyConfig) -> dict[str, dict[str, Any]]:
+    """On the calib split only: the FNR-guaranteed threshold, the probability calibrator, the gate's
+    Platt scaling and SCRC-I as the policy asks. Returns the bundle's policy JSON files."""
+    _, out, y = _outputs(split, feats, head, "calib")
+    fitted = fit_policy(out["logits"], y, out.get("gate_logit"), guarantee=guarantee, config=policy)
+    thr = fitted.threshold
     get_run_logger().info(
-        "threshold %.4f = %d-th smallest of %d calib positive scores; P(FNR > %.3f) <= %.4f",
-        fitted.threshold, fitted.k, fitted.n_positives, guarantee.alpha, fitted.violation_bound,
+        "threshold %.4f = %d-th smallest of %d calib positive scores; P(FNR > %.3f) <= %.4f; policy %s",
+        thr.threshold, thr.k, thr.n_positives, guarantee.alpha, thr.violation_bound, policy.policy,
     )
-    return {"policy": "threshold", "score": "p_roadwork", **fitted.to_json()}
+    return fitted.files()
 
 
 EVAL_CACHE = OutputCache(
     "evaluate_test",
-    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["thresholds"]),
+    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["policy_files"]),
 )
 
 
 @task(name="evaluate_test", cache_key_fn=EVAL_CACHE, persist_result=True)
-def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, thresholds: dict[str, Any]) -> EvalRef:
-    """Metrics on the test split at the guaranteed threshold, the FNR/FPR plot, the test predictions."""
-    ids, p, y = _scores(split, feats, head, "test")
-    fitted = FNRThreshold.from_json({k: v for k, v in thresholds.items() if k not in ("policy", "score")})
-    metrics = binary_metrics(y, p, threshold=fitted.threshold)
-    at_half = binary_metrics(y, p, threshold=0.5)
-    metrics.update({f"{k}_at_0.5": at_half[k] for k in ("accuracy", "mcc", "fnr", "fpr")})
-    fp = fingerprint("evaluation", split.fingerprint, feats.fingerprint, head.fingerprint, thresholds)
-    out = home_path("evaluations", fp[:24])
-    plot_fnr_fpr(y, p, out / "fnr_fpr.png", threshold=fitted.threshold, alpha=fitted.alpha)
-    atomic_write_json(out / "test_predictions.json",
-                      {"sample_ids": ids, "labels": y.tolist(), "p_roadwork": p.tolist()})
-    atomic_write_json(out / "metrics.json", _json_safe(metrics))
-    EVAL_CACHE.remember({"split": split, "feats": feats, "head": head, "thresholds": thresholds}, [out])
-    return EvalRef(path=str(out), fingerprint=fp, metrics=_json_safe(metrics))
+def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
+                  policy_files: dict[str, dict[str, Any]]) -> EvalRef:
+    """Test metrics at the guaranteed threshold, calibration before/after, selective metrics of the
+    policy and of each confidence score, and the plots (FNR/FPR, reliability, risk-coverage)."""
+    ids, out, y = _outputs(split, feats, head, "test")
+    fp = fingerprint("evaluation", split.fingerprint, feats.fingerprint, head.fingerprint, policy_files)
+    eval_dir = home_path("evaluations", fp[:24])
+    _, calib_out, calib_y = _outputs(split, feats, head, "calib")
+    metrics = evaluate_policy(
+        FittedPolicy.from_files(policy_files), out, y, eval_dir, calib_logits=calib_out["logits"], calib_y=calib_y,
+    )
+    applied = FittedPolicy.from_files(policy_files).apply(out["logits"], out.get("gate_logit"))
+    atomic_write_json(eval_dir / "test_predictions.json", {
+        "sample_ids": ids, "labels": y.tolist(), "p_roadwork": applied["p"].tolist(),
+        "p_roadwork_raw": applied["p_raw"].tolist(), "decision": applied["decision"].tolist(),
+        "set": applied["set"].tolist(),
+    })
+    metrics = _json_safe(metrics)
+    atomic_write_json(eval_dir / "metrics.json", metrics)
+    EVAL_CACHE.remember({"split": split, "feats": feats, "head": head, "policy_files": policy_files}, [eval_dir])
+    return EvalRef(path=str(eval_dir), fingerprint=fp, metrics=metrics)
 
 
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +218,8 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_card(*, name: str, spec: BackboneSpec, split: SplitRef, metrics: dict[str, Any],
-               thresholds: dict[str, Any], head: HeadRef, head_config: HeadConfig) -> str:
+               policy_files: dict[str, dict[str, Any]], head: HeadRef, head_config: HeadConfig) -> str:
+    thresholds = policy_files["thresholds.json"]
     counts = split.counts
     rows = "\n".join(
         f"| {s} | {c.get('0', 0)} | {c.get('1', 0)} | {c.get('total', 0)} |" for s, c in counts.items()
@@ -247,6 +256,11 @@ Predict roadwork iff p(roadwork) >= {thresholds['threshold']:.6f}. Chosen on the
 P(FNR <= {thresholds['alpha']}) >= 1 - {thresholds['delta']} over calib draws (bound
 {thresholds['violation_bound']:.4f}); see docs/guarantees.md.
 
+Active policy: **{metrics.get('policy')}** (coverage on test {fmt('coverage')}, FNR among accepted
+{fmt('selective_fnr')}); reported probabilities are calibrated with `{metrics.get('calibrator')}`
+(test ECE {fmt('calibration/raw/ece')} before, {fmt('calibration/temperature/ece')} temperature,
+{fmt('calibration/dirichlet/ece')} Dirichlet).
+
 ## Test metrics (threshold above)
 accuracy {fmt('accuracy')}, MCC {fmt('mcc')}, AUROC {fmt('auroc')}, FNR {fmt('fnr')}, FPR {fmt('fpr')},
 ECE {fmt('ece')} (top-label, 15 equal-width bins), NLL {fmt('nll')}, Brier {fmt('brier')};
@@ -261,14 +275,15 @@ seasons voids it until recalibrated. Test metrics come from {counts.get('test', 
 EXPORT_CACHE = OutputCache(
     "export_bundle",
     lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
-               p["thresholds"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
+               p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
                p["head_config"]),
 )
 
 
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
 def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef, head_config: HeadConfig,
-                  thresholds: dict[str, Any], evaluation: EvalRef, backbone: BackboneConfig) -> BundleInfo:
+                  policy_files: dict[str, dict[str, Any]], evaluation: EvalRef,
+                  backbone: BackboneConfig) -> BundleInfo:
     """Write the bundle under $STAGE1_HOME/bundles and verify it loads."""
     store_meta = FeatureStore(feats.store_dir).meta
     spec = BackboneSpec.from_json(store_meta["backbone"])
@@ -276,17 +291,19 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
     eval_dir = Path(evaluation.path)
     info = write_bundle(
         home_path("bundles"), name=name, backbone=spec, preprocessing=preprocessing, head_dir=head.path,
-        thresholds=thresholds, metrics=evaluation.metrics,
+        policy_files=policy_files, metrics=evaluation.metrics,
         model_card=model_card(name=name, spec=spec, split=split, metrics=evaluation.metrics,
-                              thresholds=thresholds, head=head, head_config=head_config),
+                              policy_files=policy_files, head=head, head_config=head_config),
         inputs={"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
                 "features_fingerprint": feats.fingerprint, "head_fingerprint": head.fingerprint,
                 "split_manifest_sha256": sha256_file(split.path)},
         files={"plots/fnr_fpr.png": eval_dir / "fnr_fpr.png",
+               "plots/reliability.png": eval_dir / "reliability.png",
+               "plots/risk_coverage.png": eval_dir / "risk_coverage.png",
                "test_predictions.json": eval_dir / "test_predictions.json"},
     )
     get_run_logger().info("bundle %s", info.path)
     EXPORT_CACHE.remember(
-        {"name": name, "split": split, "feats": feats, "head": head, "thresholds": thresholds,
+        {"name": name, "split": split, "feats": feats, "head": head, "policy_files": policy_files,
          "evaluation": evaluation, "backbone": backbone, "head_config": head_config}, [info.path])
     return info

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -12,7 +14,13 @@ from stage1core.home import home_path
 from stage1core.sources import SourceConfig
 
 METRIC_ORDER = ("accuracy", "mcc", "auroc", "fnr", "fpr", "precision", "recall", "ece", "nll", "brier",
-                "accuracy_at_0.5", "mcc_at_0.5")
+                "accuracy_at_0.5", "mcc_at_0.5", "policy", "coverage", "selective_fnr", "selective_accuracy",
+                "mean_set_size", "calibrator", "calibration/raw/ece", "calibration/temperature/ece",
+                "calibration/dirichlet/ece", "calibration/raw/nll", "calibration/temperature/nll",
+                "calibration/dirichlet/nll", "selective/maxprob/aurc", "selective/maxprob/e_aurc",
+                "selective/maxprob/augrc", "selective/calibrated/aurc", "selective/gate/aurc",
+                "selective/gate/e_aurc", "selective/gate/augrc")
+PLOTS = ("fnr_fpr.png", "reliability.png", "risk_coverage.png")
 
 
 def _fmt(value: Any) -> str:
@@ -52,6 +60,14 @@ FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metric
 """,
         description="stage1 training run",
     )
+    plots = []
+    for name in PLOTS:
+        path = Path(bundle_path) / "plots" / name
+        if path.exists():
+            data = base64.b64encode(path.read_bytes()).decode()
+            plots.append(f"### {name.removesuffix('.png')}\n\n![{name}](data:image/png;base64,{data})\n")
+    create_markdown_artifact(key="run-plots", markdown="\n".join(plots) or "no plots",
+                             description="FNR/FPR vs threshold, reliability diagram, risk-coverage curve")
     create_link_artifact(key="mlflow-run", link=mlflow_run["url"], link_text="MLflow run",
                          description="The MLflow run of this flow run")
 

@@ -32,11 +32,13 @@ def built(tmp_path_factory, tiny_demo):
     save_head(root / "head", trained)
     p = predict_positive(trained.model, x)
     thr = fnr_threshold(p[y == 1], GuaranteeConfig(alpha=0.2, delta=0.2))
+    policy_files = {"thresholds.json": {"policy": "threshold", **thr.to_json()},
+                    "policy.json": {"policy": "threshold", "gate_min_confidence": None}}
     spec = resolve_backbone(backbone)
     pre = {**store.meta["preprocessing"], "precision": "fp32"}
     bundle = export_bundle(
         root / "bundles", name="test", backbone=spec, preprocessing=pre, head_dir=root / "head",
-        thresholds={"policy": "threshold", **thr.to_json()}, metrics={"mcc": 0.1}, model_card="# card\n",
+        policy_files=policy_files, metrics={"mcc": 0.1}, model_card="# card\n",
         inputs={"data_fingerprint": "d" * 64}, json_files={"test_predictions.json": {"p": p.tolist()}},
     )
     return {"bundle": bundle, "samples": samples, "p": p, "threshold": thr.threshold, "root": root}

@@ -105,7 +105,7 @@ def test_second_run_is_served_from_cache(first_run, tiny_demo):
 
     second = train_pipeline(**params(tiny_demo))
     states = task_states(second["flow_run_id"])
-    for name in ("extract_features", "fit_head", "calibrate_threshold", "evaluate_test", "export_bundle"):
+    for name in ("extract_features", "fit_head", "calibrate", "evaluate_test", "export_bundle"):
         assert states[name] == "Cached", (name, states)
     assert states["build_splits"] == "Completed"
     assert second["bundle_fingerprint"] == first_run["bundle_fingerprint"]
@@ -134,3 +134,38 @@ def test_too_few_calib_positives_fails_with_the_needed_number(prefect_server, ti
 
     with pytest.raises(InsufficientCalibrationData, match="149"):
         train_pipeline(**params(tiny_demo, guarantee=GuaranteeConfig(alpha=0.02, delta=0.05)))
+
+
+@pytest.mark.parametrize("policy", ["gate", "scrc"])
+def test_selective_head_with_each_policy(prefect_server, tiny_demo, policy):
+    from flows.train_pipeline import RegistryConfig, train_pipeline
+    from stage1core.bundle import load_bundle, read_manifest
+    from stage1core.heads import HeadConfig
+    from stage1core.policy import PolicyConfig
+    from stage1core.splits import read_split_manifest
+
+    config = PolicyConfig(policy=policy, calibrator="dirichlet", gate_min_confidence=0.3, scrc_alpha=0.4,
+                          scrc_delta=0.4, scrc_xi=0.3, scrc_score="gate", scrc_grid_size=2)
+    result = train_pipeline(**params(
+        tiny_demo, head=HeadConfig(kind="selective", target_coverage=0.7), policy=config,
+        registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
+                                bundle_name=f"policy-{policy}"),
+    ))
+    manifest = read_manifest(result["bundle_path"])
+    assert manifest["policy"] == policy
+    expected = {"thresholds.json", "policy.json", "calibration.json", "gateparams.json"}
+    if policy == "scrc":
+        expected.add("scrcparams.json")
+    assert expected <= set(manifest["files"])
+    m = result["metrics"]
+    assert m["policy"] == policy and 0.0 < m["coverage"] <= 1.0 and m["calibrator"] == "dirichlet"
+    assert {"selective/gate/aurc", "calibration/raw/ece", "calibration/dirichlet/nll"} <= set(m)
+    assert {"plots/reliability.png", "plots/risk_coverage.png"} <= set(manifest["files"])
+
+    preds = json.loads((Path(result["bundle_path"]) / "test_predictions.json").read_text())
+    _, splits, _ = read_split_manifest(result["split_manifest"])
+    locator = {s.sample_id: s.locator for s in splits["test"]}
+    out = load_bundle(result["bundle_path"], device="cpu").predict([locator[s] for s in preds["sample_ids"]])
+    assert [-1 if r["abstain"] else r["decision"] for r in out] == preds["decision"]
+    assert all((r["prediction_set"] == []) == r["abstain"] for r in out)
+    assert np.mean([not r["abstain"] for r in out]) == pytest.approx(m["coverage"])

@@ -1,0 +1,120 @@
+"""The `evaluate-bundle` flow: score a registered model version or a bundle directory on any source,
+at the bundle's own decision threshold, and log the result to MLflow and Prefect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from stage1core.bundle import load_bundle, read_manifest
+from stage1core.fingerprint import fingerprint
+from stage1core.home import home_path
+from stage1core.metrics import binary_metrics
+from stage1core.plots import plot_fnr_fpr
+from stage1core.sources import SourceConfig, read_bytes
+from stage1core.splits import SPLITS, SplitConfig, read_split_manifest
+from tasks.pipeline import build_splits
+from tasks.registry import coverage_at_fnr, fetch_bundle, fmt, get_version, parse_model_ref
+from tasks.tracking import MODEL_NAME, client, end_mlflow_run, start_mlflow_run
+
+
+@task(name="resolve_bundle")
+def resolve_bundle(model: str, model_name: str) -> dict[str, str]:
+    """A bundle directory from a path or a registry reference, verified."""
+    if Path(model).expanduser().is_dir():
+        path = Path(model).expanduser().resolve()
+        manifest = read_manifest(path)
+        return {"path": str(path), "fingerprint": manifest["fingerprint"], "model_name": "", "version": ""}
+    name, number, alias = parse_model_ref(model, model_name)
+    mv = get_version(name, version=number, alias=alias)
+    if mv is None:
+        raise ValueError(f"{model!r} is neither a bundle directory nor a version in the MLflow registry ({name})")
+    path = fetch_bundle(name, mv)
+    return {"path": str(path), "fingerprint": read_manifest(path)["fingerprint"], "model_name": name,
+            "version": str(mv.version)}
+
+
+@task(name="score_bundle")
+def score_bundle(bundle_path: str, split_manifest: str, split: str) -> dict[str, Any]:
+    """p(roadwork) of the bundle on the chosen split (or every evaluable image with `all`)."""
+    _, parts, _ = read_split_manifest(split_manifest)
+    names = [n for n in SPLITS if n != "train"] if split == "all" else [split]
+    rows = [s for n in names for s in parts[n] if s.role != "train_only"]
+    if not rows:
+        raise ValueError(f"no evaluable images in split {split!r} of these sources")
+    predictor = load_bundle(bundle_path, device="auto")
+    out = predictor.apply_policy(predictor.features([read_bytes(s.locator) for s in rows]))
+    y = np.array([s.label for s in rows])
+    alpha = float(predictor.policy.threshold.alpha)
+    # the FNR-guaranteed threshold applies to the raw head probability (stage1core.policy)
+    metrics = binary_metrics(y, out["p_raw"], threshold=predictor.threshold)
+    metrics["coverage_at_fnr"] = coverage_at_fnr(y, out["p_raw"], predictor.threshold, alpha)
+    accepted, positives = out["decision"] >= 0, y == 1
+    metrics["policy"] = predictor.policy.policy
+    metrics["coverage"] = float(accepted.mean())
+    metrics["selective_fnr"] = (float(np.mean(out["decision"][accepted & positives] == 0))
+                                if (accepted & positives).any() else None)
+    metrics["ece_calibrated"] = binary_metrics(y, out["p"])["ece"]
+    out_dir = home_path("evaluations", "bundles", fingerprint("evaluate-bundle", predictor.fingerprint,
+                                                              split_manifest, split)[:24])
+    plot_fnr_fpr(y, out["p_raw"], out_dir / "fnr_fpr.png", threshold=predictor.threshold, alpha=alpha)
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+    return {"metrics": clean, "plot": str(out_dir / "fnr_fpr.png"), "alpha": alpha}
+
+
+@flow(name="evaluate-bundle", log_prints=True)
+def evaluate_bundle(
+    model: str = f"models:/{MODEL_NAME}@champion",
+    sources: list[SourceConfig] | None = None,
+    split: str = "test",
+    splits: SplitConfig = SplitConfig(),
+    model_name: str = MODEL_NAME,
+    experiment: str = "stage1-evaluations",
+) -> dict[str, Any]:
+    """Evaluate `model` (a bundle path, `models:/<name>@<alias>`, `models:/<name>/<version>`, a version
+    number or an alias of `model_name`) on `sources`, restricted to one hash split (`test`, `calib`,
+    `val`, `train`) or `all` evaluable images. With no sources, the demo dataset."""
+    from tasks.reports import ensure_demo_data
+
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+    if not sources:
+        sources = [ensure_demo_data()]
+    bundle = resolve_bundle(model, model_name)
+    split_ref = build_splits(sources, splits)
+    scored = score_bundle(bundle["path"], split_ref.path, split)
+    metrics = scored["metrics"]
+    label = f"{bundle['model_name']} v{bundle['version']}" if bundle["version"] else bundle["path"]
+    run = start_mlflow_run(experiment, f"evaluate-bundle/{flow_run.name or 'local'}", {
+        "prefect.flow_run_id": str(flow_run.id), "prefect.flow_name": "evaluate-bundle", "model": model,
+        "model_version": label, "bundle_fingerprint": bundle["fingerprint"],
+        "data_fingerprint": split_ref.data_fingerprint, "split": split})
+    mc = client()
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+            mc.log_metric(run["run_id"], f"eval/{key}", float(value))
+    mc.log_artifact(run["run_id"], scored["plot"], artifact_path="plots")
+    end_mlflow_run(run["run_id"])
+    if bundle["version"]:
+        mc.set_model_version_tag(bundle["model_name"], bundle["version"], "last_evaluation",
+                                 f"{split} of data {split_ref.data_fingerprint[:12]}: MCC {fmt(metrics['mcc'])}, "
+                                 f"n={metrics['n']} (run {run['run_id']})")
+    keys = ("mcc", "accuracy", "auroc", "fnr", "fpr", "coverage_at_fnr", "policy", "coverage", "selective_fnr",
+            "ece_calibrated", "n", "n_pos", "threshold")
+    create_table_artifact(key="bundle-evaluation", table=[{"metric": k, "value": fmt(metrics.get(k))} for k in keys],
+                          description=f"{label} on the {split} split of {[s.name for s in sources]}")
+    create_markdown_artifact(
+        key="bundle-evaluation-summary",
+        markdown=(f"# {label} on {split}\n\n{metrics['n']} images ({metrics['n_pos']} roadwork), data "
+                  f"`{split_ref.data_fingerprint[:16]}`. MCC {fmt(metrics['mcc'])}, AUROC {fmt(metrics['auroc'])}, "
+                  f"FNR {fmt(metrics['fnr'])} (guaranteed ≤ {scored['alpha']} on data like the calib split), "
+                  f"coverage at that FNR {fmt(metrics['coverage_at_fnr'])}.\n\n[MLflow run]({run['url']})\n"),
+        description="evaluate-bundle")
+    get_run_logger().info("%s on %s: MCC %s over %s images", label, split, fmt(metrics["mcc"]), metrics["n"])
+    return {"metrics": metrics, "bundle": bundle, "mlflow_run_id": run["run_id"], "data_fingerprint":
+            split_ref.data_fingerprint, "split_manifest": split_ref.path}

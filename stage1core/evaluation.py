@@ -1,0 +1,85 @@
+"""Test-split evaluation of a fitted policy: classification metrics at the guaranteed threshold,
+calibration before/after each calibrator, selective metrics for each confidence score, and the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import (
+    augrc,
+    aurc,
+    binary_metrics,
+    coverage_at_risk,
+    e_aurc,
+    risk_at_coverage,
+    risk_coverage_curve,
+)
+from .plots import plot_fnr_fpr, plot_reliability, plot_risk_coverage
+from .policy import FittedPolicy, calibrated_positive, fit_calibrator, sigmoid
+
+RISK_COVERAGE = 0.8  # risk@coverage is reported at this coverage
+COVERAGE_RISK = 0.05  # coverage@risk is reported at this risk
+
+
+def evaluate_policy(fitted: FittedPolicy, outputs: dict[str, np.ndarray], y: np.ndarray, out_dir: str | Path, *,
+                    calib_logits: np.ndarray, calib_y: np.ndarray) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    y = np.asarray(y).astype(np.int64)
+    logits, gate = outputs["logits"], outputs.get("gate_logit")
+    applied = fitted.apply(logits, gate)
+    t = fitted.threshold.threshold
+    p_raw = applied["p_raw"]
+
+    metrics: dict[str, Any] = dict(binary_metrics(y, p_raw, threshold=t))
+    half = binary_metrics(y, p_raw, threshold=0.5)
+    metrics.update({f"{k}_at_0.5": half[k] for k in ("accuracy", "mcc", "fnr", "fpr")})
+
+    # calibration of the reported probability: each calibrator fitted on calib, judged on test
+    curves = {"raw": p_raw}
+    for kind in ("temperature", "dirichlet"):
+        curves[kind] = calibrated_positive(fit_calibrator(kind, calib_logits, calib_y), logits)
+    for name, p in curves.items():
+        judged = binary_metrics(y, p)
+        metrics[f"calibration/{name}/nll"] = judged["nll"]
+        metrics[f"calibration/{name}/ece"] = judged["ece"]
+    metrics["calibrator"] = "none" if fitted.calibrator is None else fitted.calibrator.kind
+
+    # the policy: coverage and errors among accepted samples
+    accepted = applied["accepted"]
+    positives = y == 1
+    metrics["policy"] = fitted.policy
+    metrics["coverage"] = float(accepted.mean())
+    metrics["selective_fnr"] = (float(np.mean(applied["decision"][accepted & positives] == 0))
+                                if (accepted & positives).any() else float("nan"))
+    metrics["selective_accuracy"] = (float(np.mean(applied["decision"][accepted] == y[accepted]))
+                                     if accepted.any() else float("nan"))
+    sets = applied["set"][accepted]
+    metrics["mean_set_size"] = float(np.mean(np.where(sets == 2, 2, 1))) if accepted.any() else float("nan")
+
+    # selective metrics of the deployed decision under each confidence score
+    decision = (p_raw >= t).astype(np.int64)
+    scores = {"maxprob": np.maximum(p_raw, 1 - p_raw)}
+    if fitted.calibrator is not None:
+        p_cal = applied["p"]
+        scores["calibrated"] = np.maximum(p_cal, 1 - p_cal)
+    if gate is not None:
+        scores["gate"] = sigmoid(gate)
+    rc_curves = {}
+    for name, conf in scores.items():
+        metrics[f"selective/{name}/aurc"] = aurc(y, decision, conf)
+        metrics[f"selective/{name}/e_aurc"] = e_aurc(y, decision, conf)
+        metrics[f"selective/{name}/augrc"] = augrc(y, decision, conf)
+        key = f"selective/{name}"
+        metrics[f"{key}/risk_at_coverage_{RISK_COVERAGE}"] = risk_at_coverage(y, decision, conf, RISK_COVERAGE)
+        metrics[f"{key}/coverage_at_risk_{COVERAGE_RISK}"] = coverage_at_risk(y, decision, conf, COVERAGE_RISK)
+        coverage, risk, _ = risk_coverage_curve(y, decision, conf)
+        rc_curves[name] = (coverage, risk)
+
+    plot_fnr_fpr(y, p_raw, out_dir / "fnr_fpr.png", threshold=t, alpha=fitted.threshold.alpha)
+    plot_reliability(y, curves, out_dir / "reliability.png")
+    plot_risk_coverage(rc_curves, out_dir / "risk_coverage.png")
+    return metrics
+

@@ -1,0 +1,260 @@
+"""Operations flows on tiny data under the Prefect test server: retrain with champion/challenger
+promotion (first run, a refusal, a promotion), promote (rollback, floor and integrity refusals),
+evaluate-bundle; and the comparison statistics on their own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stage1core.backbone import BackboneConfig
+from stage1core.features import FeatureConfig
+from stage1core.guarantees import GuaranteeConfig
+from stage1core.sources import SourceConfig
+from stage1core.splits import SplitConfig
+from stage1core.train import TrainConfig
+from tasks.registry import (
+    ComparisonConfig,
+    MetricFloor,
+    check_floor,
+    coverage_at_fnr,
+    decide,
+    paired_mcc_difference,
+    parse_model_ref,
+)
+from tests.conftest import TINY_EVA
+
+MODEL = "stage1-ops-test"
+SPLITS = SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15)
+
+
+def params(*folders, **over):
+    from flows.train_pipeline import RegistryConfig
+
+    base = {
+        "sources": [SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders],
+        "splits": SPLITS,
+        "backbone": BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                                   model_kwargs=dict(TINY_EVA), input_size=32),
+        "features": FeatureConfig(batch_size=32, num_workers=0),
+        "train": TrainConfig(epochs=4, batch_size=32),
+        "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
+        "registry": RegistryConfig(experiment="ops-test", model_name=MODEL),
+        "comparison": ComparisonConfig(n_bootstrap=500),
+    }
+    base.update(over)
+    return base
+
+
+@pytest.fixture(scope="module")
+def new_images(tmp_path_factory):
+    """A second batch of images that 'landed' after the first training run."""
+    from stage1core.demo import DemoConfig, generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("landed")
+    generate_demo_dataset(out, DemoConfig(n_images=40, seed=11, n_large=0, png_fraction=0.1, exif_fraction=0.0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def history(prefect_server, tiny_demo, new_images):
+    """Three retrain runs: first ever (no champion), new data with an unreachable margin (refusal),
+    the same data again with a margin any challenger meets (promotion after comparison)."""
+    from flows.retrain import retrain
+
+    champions = []
+
+    def run(*folders, **over):
+        result = retrain(**params(*folders, **over))
+        champions.append(str(mlflow_client().get_model_version_by_alias(MODEL, "champion").version))
+        return result
+
+    first = run(tiny_demo)
+    refused = run(tiny_demo, new_images, comparison=ComparisonConfig(n_bootstrap=500, min_mcc_gain=2.0))
+    promoted = run(tiny_demo, new_images, comparison=ComparisonConfig(n_bootstrap=500, min_mcc_gain=-2.0))
+    assert champions == ["1", "1", "2"]
+    return first, refused, promoted
+
+
+def mlflow_client():
+    from tasks.tracking import client
+
+    return client()
+
+
+def artifacts_of(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+def flow_run_id_of(result) -> str:
+    return result["train"]["flow_run_id"]
+
+
+def parent_run_id(result) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.read_flow_run(flow_run_id_of(result)).parent_task_run_id and
+                   client.read_task_run(client.read_flow_run(flow_run_id_of(result)).parent_task_run_id).flow_run_id)
+
+
+def test_first_retrain_promotes_without_a_champion(history):
+    first, _, _ = history
+    report = first["report"]
+    assert first["promoted"] and report["decision"] == "promote" and report["comparison"] is None
+    assert "no champion" in report["reason"]
+    mc = mlflow_client()
+    assert first["challenger_version"] == "1"
+    champion = mc.get_model_version(MODEL, "1")
+    assert champion.tags["champion.promoted_by"] == "retrain"
+    assert champion.tags["retrain.decision"] == "promote" and champion.tags["champion.previous_version"] == "none"
+    assert "Champion/challenger comparison" in champion.description
+    assert "roadwork classifier bundle" in champion.description  # the model card stays first
+    keys = artifacts_of(parent_run_id(first))
+    assert {"champion-challenger", "champion-challenger-table"} <= set(keys)
+    assert "PROMOTED" in keys["champion-challenger"].data
+
+
+def test_new_data_is_embedded_incrementally_and_judged_on_a_superset_test_split(history):
+    from stage1core.splits import read_split_manifest
+
+    first, refused, _ = history
+    _, old, _ = read_split_manifest(first["train"]["split_manifest"])
+    _, new, _ = read_split_manifest(refused["train"]["split_manifest"])
+    old_test = {s.sample_id for s in old["test"]}
+    new_test = {s.sample_id for s in new["test"]}
+    assert old_test < new_test  # the champion's test images are all still test images, plus new ones
+    n_old = sum(len(v) for v in old.values())
+    n_new = sum(len(v) for v in new.values())
+    assert refused["report"]["n_embedded"] == refused["train"]["features"]["n_computed"] == n_new - n_old
+    assert refused["report"]["comparison"]["n_test"] == len(new_test)
+
+
+def test_refusal_keeps_the_champion_and_says_why(history):
+    _, refused, _ = history
+    report = refused["report"]
+    assert not refused["promoted"] and report["decision"] == "keep"
+    assert "below the required margin" in report["reason"] and report["champion_version"] == "1"
+    gain = report["comparison"]["mcc_gain"]
+    assert gain["low"] <= gain["estimate"] <= gain["high"]
+    comp = report["comparison"]
+    assert gain["estimate"] == pytest.approx(comp["challenger"]["mcc"] - comp["champion"]["mcc"])
+    mc = mlflow_client()
+    v2 = mc.get_model_version(MODEL, refused["challenger_version"])
+    assert v2.tags["retrain.decision"] == "keep" and v2.tags["retrain.promoted"] == "false"
+    assert v2.tags["retrain.champion_version"] == "1" and "retrain.mcc_gain_interval" in v2.tags
+    assert "NOT PROMOTED" in v2.description
+    run_artifacts = {a.path for a in mc.list_artifacts(refused["train"]["mlflow_run_id"], "comparison")}
+    assert "comparison/report.md" in run_artifacts
+    assert "compare/mcc_gain" in mc.get_run(refused["train"]["mlflow_run_id"]).data.metrics
+    table = artifacts_of(parent_run_id(refused))["champion-challenger-table"].data
+    assert "MCC" in table and "coverage at FNR" in table
+
+
+def test_a_winning_challenger_is_promoted_with_a_record(history):
+    _, refused, promoted = history
+    assert promoted["challenger_version"] == refused["challenger_version"] == "2"  # cached: same bundle
+    assert promoted["promoted"] and promoted["report"]["comparison"] is not None
+    mc = mlflow_client()
+    assert str(mc.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert mc.get_model_version(MODEL, "2").tags["champion.previous_version"] == "1"
+    assert mc.get_model_version(MODEL, "1").tags["champion.replaced_by"] == "2"
+
+
+def test_promote_rolls_back_and_refuses_below_the_floor_or_corrupt(history):
+    from flows.promote import promote
+    from stage1core.bundle import BundleError
+
+    mc = mlflow_client()
+    out = promote(version="1", reason="rollback drill", requested_by="alice", model_name=MODEL)
+    assert out["previous_version"] == "2"
+    v1 = mc.get_model_version_by_alias(MODEL, "champion")
+    assert str(v1.version) == "1" and v1.tags["champion.promoted_by"] == "alice"
+    assert v1.tags["champion.promoted_reason"] == "rollback drill"
+
+    mcc = float(v1.tags["test_mcc"])
+    if mcc < 1.0:
+        with pytest.raises(ValueError, match="below the floor"):
+            promote(version="models:/stage1-ops-test/1", reason="x", model_name=MODEL,
+                    floor=MetricFloor(min_mcc=min(1.0, mcc + 1e-3)))
+
+    # a version whose bundle does not match its recorded fingerprint is refused (downloaded and checked)
+    good = mc.get_model_version(MODEL, "2").tags["bundle_fingerprint"]
+    mc.set_model_version_tag(MODEL, "2", "bundle_fingerprint", "0" * 64)
+    try:
+        with pytest.raises(BundleError, match="refusing to promote"):
+            promote(version="2", reason="x", model_name=MODEL)
+    finally:
+        mc.set_model_version_tag(MODEL, "2", "bundle_fingerprint", good)
+    assert str(mc.get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+
+def test_evaluate_bundle_reproduces_the_registered_test_metrics(history, tiny_demo):
+    import json
+    from pathlib import Path
+
+    from flows.evaluate_bundle import evaluate_bundle
+
+    first, _, _ = history
+    out = evaluate_bundle(model=f"models:/{MODEL}/1", sources=[SourceConfig(path=str(tiny_demo), kind="folder",
+                                                                            name=tiny_demo.name)],
+                          splits=SPLITS, model_name=MODEL, experiment="ops-test-eval")
+    bundle_metrics = json.loads((Path(first["train"]["bundle_path"]) / "metrics.json").read_text())
+    assert out["metrics"]["n"] == bundle_metrics["n"]
+    assert out["metrics"]["mcc"] == pytest.approx(bundle_metrics["mcc"], abs=1e-9)
+    assert out["metrics"]["auroc"] == pytest.approx(bundle_metrics["auroc"], abs=1e-9)
+    assert "last_evaluation" in mlflow_client().get_model_version(MODEL, "1").tags
+    by_path = evaluate_bundle(model=first["train"]["bundle_path"], sources=[SourceConfig(
+        path=str(tiny_demo), kind="folder")], splits=SPLITS, split="all", experiment="ops-test-eval")
+    assert by_path["metrics"]["n"] > out["metrics"]["n"] and by_path["bundle"]["version"] == ""
+
+
+# the statistics, without Prefect or MLflow
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(bool)
+    good = np.where(rng.random(400) < 0.9, y, ~y)
+    bad = np.where(rng.random(400) < 0.6, y, ~y)
+    diff, low, high = paired_mcc_difference(y, good, bad, n_bootstrap=1000)
+    assert 0 < low < diff < high  # a clearly better model: the interval excludes 0
+    assert paired_mcc_difference(y, good, good) == (0.0, 0.0, 0.0)
+    diff, low, high = paired_mcc_difference(y, good, np.where(rng.random(400) < 0.99, good, ~good), n_bootstrap=1000)
+    assert low < 0 < high  # nearly identical models: the interval straddles 0
+
+
+def test_coverage_at_fnr():
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.95, 0.9, 0.8, 0.45, 0.05, 0.1, 0.3, 0.55])
+    # one positive (0.45) is missed at t=0.5; it is the least confident, so deferring it leaves FNR 0
+    assert coverage_at_fnr(y, p, 0.5, 0.0) == pytest.approx(7 / 8)
+    assert coverage_at_fnr(y, p, 0.5, 0.25) == 1.0
+    assert coverage_at_fnr(y, np.where(y == 1, 0.0, 0.5), 0.5, 0.0) == pytest.approx(0.5)
+
+
+def test_decision_rules():
+    comp = {"mcc_gain": {"estimate": 0.03, "low": -0.01, "high": 0.07, "confidence": 0.95}}
+    assert decide(None, ComparisonConfig(), floor_problems=[])[0]
+    assert not decide(None, ComparisonConfig(), floor_problems=["test MCC 0.1 is below the floor 0.5"])[0]
+    assert decide(comp, ComparisonConfig(min_mcc_gain=0.02), floor_problems=[])[0]
+    promote, why = decide(comp, ComparisonConfig(min_mcc_gain=0.05), floor_problems=[])
+    assert not promote and "below the required margin" in why
+    promote, why = decide(comp, ComparisonConfig(min_mcc_gain=0.0, require_significant=True), floor_problems=[])
+    assert not promote and "includes 0" in why
+    assert check_floor({"mcc": 0.5, "auroc": 0.9, "fnr": 0.01}, MetricFloor(min_mcc=0.4), alpha=0.02) == []
+    assert len(check_floor({"mcc": 0.5, "auroc": None, "fnr": 0.05}, MetricFloor(), alpha=0.02)) == 2
+
+
+def test_model_references():
+    assert parse_model_ref("models:/m@champion", "d") == ("m", None, "champion")
+    assert parse_model_ref("models:/m/3", "d") == ("m", "3", None)
+    assert parse_model_ref("7", "d") == ("d", "7", None)
+    assert parse_model_ref("@challenger", "d") == ("d", None, "challenger")
+    with pytest.raises(ValueError, match="models:/<name>/<version>"):
+        parse_model_ref("models:/m", "d")
