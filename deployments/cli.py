@@ -152,6 +152,67 @@ def _exe(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".parquet", ".csv", ".json")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the deployments of deployments/prefect.yaml from this process (no worker needed)."""
+    from deployments.serve import build_deployments, ensure_infrastructure, serve_all
+
+    if args.setup_only:
+        print(json.dumps(ensure_infrastructure(), indent=2))
+        return 0
+    names = [d.name for d in build_deployments(args.deployment or None)]
+    print(f"serving {', '.join(names)} (Prefect API: {os.environ.get('PREFECT_API_URL', 'ephemeral')}); Ctrl-C stops")
+    serve_all(args.deployment or None, limit=args.limit)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Announce that new images landed in a source: emits `stage1.data.landed`, which triggers `retrain`."""
+    from prefect.events import emit_event
+
+    path = Path(args.path).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such source; ingest announces files that are already in place")
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    name = args.source_name or path.name
+    event = emit_event(
+        event="stage1.data.landed",
+        resource={"prefect.resource.id": f"stage1.source.{name}", "prefect.resource.name": name},
+        payload={"path": str(path), "n_files": len(files), "note": args.note or ""},
+    )
+    if event is None:
+        print("stage1: events are disabled in this Prefect configuration; nothing was emitted", file=sys.stderr)
+        return 1
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=30)  # send before the process exits
+    print(json.dumps({"event": event.event, "id": str(event.id), "resource": event.resource.id,
+                      "n_files": len(files)}))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.promote import promote
+    from tasks.registry import MetricFloor
+
+    result = promote(version=args.version, reason=args.reason, requested_by=args.by or "",
+                     model_name=args.model, floor=MetricFloor(min_mcc=args.min_mcc, min_auroc=args.min_auroc))
+    print(f"{result['model_name']} @{result['alias']}: v{result['previous_version'] or 'none'} -> "
+          f"v{result['version']} (by {result['requested_by']})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate_bundle import evaluate_bundle
+
+    sources = [_source_arg(s) for s in args.source] if args.source else None
+    result = evaluate_bundle(model=args.model, sources=sources, split=args.split, model_name=args.model_name)
+    print(json.dumps({k: v for k, v in result["metrics"].items()}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stage1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +248,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int)
     p.set_defaults(fn=cmd_ui)
+
+    p = sub.add_parser("serve", help="serve all deployments of deployments/prefect.yaml from this process")
+    p.add_argument("deployment", nargs="*", help="deployment names (default: all)")
+    p.add_argument("--limit", type=int, help="max concurrent flow runs")
+    p.add_argument("--setup-only", action="store_true", help="create the work pools and the gpu limit, then exit")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("ingest", help="announce new images in a source (event stage1.data.landed -> retrain)")
+    p.add_argument("path", help="the source folder or file where the images landed")
+    p.add_argument("--source-name", help="source name (default: the folder name)")
+    p.add_argument("--note", help="free text carried in the event")
+    p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("promote", help="move the champion alias to a version (checks bundle and floor)")
+    p.add_argument("version", help="version number, alias, or models:/<name>/<version>")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
+    p.add_argument("--model", default="stage1-roadwork")
+    p.add_argument("--min-mcc", type=float, default=0.0)
+    p.add_argument("--min-auroc", type=float, default=0.5)
+    p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("evaluate", help="evaluate a registered version or a bundle directory on sources")
+    p.add_argument("model", help="bundle dir, models:/<name>@<alias>, models:/<name>/<version>, a version or alias")
+    p.add_argument("--source", action="append", help="a source path (default: the demo data)")
+    p.add_argument("--split", default="test", help="test | calib | val | train | all")
+    p.add_argument("--model-name", default="stage1-roadwork")
+    p.set_defaults(fn=cmd_evaluate)
 
     args = parser.parse_args(argv)
     try:

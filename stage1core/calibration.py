@@ -17,16 +17,15 @@ soft-target Platt fit; the optimiser is scipy's L-BFGS-B (Brent for the one-para
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jsonschema
 import numpy as np
 from scipy import optimize
 from scipy.special import expit, log_softmax, softmax
+
+from .schemas import validate_json as _validate_json
 
 __all__ = [
     "SCHEMA_DIR",
@@ -48,30 +47,10 @@ SCHEMA_VERSION = 1
 # ---------------------------------------------------------------- schemas
 
 
-@functools.cache
-def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
-    path = SCHEMA_DIR / schema_name
-    with open(path, encoding="utf-8") as handle:
-        schema = json.load(handle)
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
 def validate_json(obj: Any, schema_name: str) -> None:
-    """Validate ``obj`` against ``SCHEMA_DIR/<schema_name>.schema.json`` (Draft 2020-12).
-
-    ``schema_name`` is ``"calibration"``, ``"gateparams"``, ... or the full file name. Raises
-    ``ValueError`` that names the schema, the offending location and what was wrong.
-    """
-    file_name = schema_name if schema_name.endswith(".json") else f"{schema_name}.schema.json"
-    if not (SCHEMA_DIR / file_name).is_file():
-        known = sorted(p.name for p in SCHEMA_DIR.glob("*.schema.json"))
-        raise ValueError(f"no schema {file_name!r} in {SCHEMA_DIR}; known schemas: {known}")
-    validator = _validator(file_name)
-    best = jsonschema.exceptions.best_match(validator.iter_errors(obj))
-    if best is not None:
-        where = "/".join(str(p) for p in best.absolute_path) or "<root>"
-        raise ValueError(f"JSON does not match {file_name} at {where}: {best.message}")
+    """Validate ``obj`` against ``SCHEMA_DIR/<schema_name>.schema.json`` (Draft 2020-12); raises a
+    ValueError (stage1core.schemas.SchemaError) naming the schema, the location and the problem."""
+    _validate_json(obj, schema_name.removesuffix(".json").removesuffix(".schema"), source=schema_name)
 
 
 # ---------------------------------------------------------------- input checks

@@ -282,7 +282,7 @@ class _Painter:
         self.objects: list[tuple[float, Callable[[], None]]] = []
         # A spot kept clear of nearer occluders in both classes: roadwork scenes put their main evidence
         # there, other scenes sometimes a look-alike. Same background distribution for both labels.
-        self.focus = self._visible_spot(on_road=bool(rng.random() < 0.65), near_share=0.85, margin=0.12)
+        self.focus = self._visible_spot(on_road=bool(rng.random() < 0.65), near_share=0.9, margin=0.12)
 
     # -- background -----------------------------------------------------------------------------------
 
@@ -551,7 +551,7 @@ class _Painter:
         dx = float(rng.uniform(-0.35, 0.35))
         colour = CONE_ORANGE[int(rng.integers(len(CONE_ORANGE)))]
         gap = float(rng.uniform(1.5, 4.0))
-        for k in range(int(rng.integers(3, 10))):
+        for k in range(int(rng.integers(4, 12))):
             xk, zk = x + dx * k * gap, z + k * gap
             self.add(zk, _bind(self.cone, xk, zk, colour))
 
@@ -559,8 +559,8 @@ class _Painter:
         rng = self.rng
         x, z = spot or self._visible_spot(on_road=bool(rng.random() < 0.7))
         colour = CONE_ORANGE[int(rng.integers(len(CONE_ORANGE)))]
-        for _ in range(int(rng.integers(1, 4))):
-            xk, zk = x + float(rng.uniform(-1, 1)), z + float(rng.uniform(0, 2))
+        for _ in range(int(rng.integers(2, 6))):
+            xk, zk = x + float(rng.uniform(-1.2, 1.2)), z + float(rng.uniform(0, 2.5))
             self.add(zk, _bind(self.cone, xk, zk, colour))
 
     def _rw_barricade(self, spot: tuple[float, float] | None) -> None:
@@ -586,7 +586,7 @@ class _Painter:
         rng = self.rng
         x, z = spot or self._visible_spot(on_road=bool(rng.random() < 0.4), far=35)
         on_stand = rng.random() < 0.5
-        self.add(z, _bind(self.sign, x, z, "roadwork", float(rng.uniform(0.6, 1.0)),
+        self.add(z, _bind(self.sign, x, z, "roadwork", float(rng.uniform(0.8, 1.2)),
                           1.0 if on_stand else 2.2, on_stand))
 
     def _rw_workers(self, spot: tuple[float, float] | None) -> None:
@@ -769,8 +769,8 @@ class _Painter:
         cam, rng, d = self.cam, self.rng, self.draw
         s = cam.scale(z)
         bx, by = cam.pt(x, 0.0, z)
-        h = float(rng.uniform(0.5, 0.8)) * s
-        base_hw, top_hw = 0.16 * s, 0.035 * s
+        h = float(rng.uniform(0.6, 0.95)) * s
+        base_hw, top_hw = 0.19 * s, 0.04 * s
 
         def hw(t: float) -> float:
             return base_hw + (top_hw - base_hw) * t

@@ -695,7 +695,8 @@ def fit_backbone(
             train_seconds += time.perf_counter() - tick
             row_loss = loss
 
-            if position == steps_per_epoch or step == total_steps:
+            epoch_ended = position == steps_per_epoch
+            if epoch_ended or step == total_steps:
                 judged = ema.module if ema is not None else unwrapped
                 metrics, val_p = _evaluate(judged, val_set, config, accelerator, val_weights)
                 row = {"epoch": epoch, "step": step, "train_loss": row_loss, **metrics,
@@ -716,14 +717,14 @@ def fit_backbone(
                         if main:
                             log.info("early stop at epoch %d (best step %d, val_loss %.4f)", epoch, best_step,
                                      best_loss)
-                if position == steps_per_epoch:
+                if epoch_ended:
                     epoch, position = epoch + 1, 0
             if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps and not stopped:
                 _save_checkpoint(out_dir, step, accelerator=accelerator, ema=ema, best_state=best_state,
                                  trainer_state=trainer_state(), keys=keys)
             if after_step is not None:
                 after_step(step)
-            if stopped:
+            if stopped or epoch_ended:
                 break
         del batches
 

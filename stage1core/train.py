@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .fingerprint import fingerprint, sha256_file
 from .heads import HeadConfig, SelectiveHead, build_head, positive_probability
-from .losses import class_weighted_ce, class_weights_from_labels, selectivenet_loss
+from .losses import class_weighted_ce, class_weights_from_labels, risk_aware_loss, selectivenet_loss
 from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,11 @@ class TrainConfig:
     # stop after this many epochs without a better validation loss
     patience: int = 8
     seed: int = 0
+    # ce (class-weighted cross-entropy) or risk_aware (cost-weighted focal loss that punishes confident
+    # missed roadwork fn_cost times more than confident false alarms; docs/selective.md); the selective
+    # head always trains with the SelectiveNet loss
+    loss: str = "ce"
+    fn_cost: float = 5.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -68,6 +73,8 @@ class TrainConfig:
             raise ValueError("label_smoothing and ema_decay must be in [0, 1)")
         if self.patience < 1 or self.warmup_epochs < 0:
             raise ValueError("patience must be >= 1 and warmup_epochs >= 0")
+        if self.loss not in ("ce", "risk_aware") or self.fn_cost <= 0:
+            raise ValueError(f"loss must be 'ce' or 'risk_aware' and fn_cost > 0, got {self.loss!r}, {self.fn_cost}")
 
 
 @dataclass
@@ -91,7 +98,8 @@ def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tensor, *,
-              class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
+              class_weights: torch.Tensor | None, label_smoothing: float = 0.0, loss: str = "ce",
+              fn_cost: float = 5.0) -> torch.Tensor:
     """The training loss of a head kind: class-weighted CE (with label smoothing), or for the selective
     head the SelectiveNet loss on plain class-weighted CE (docs/selective.md)."""
     if head.kind == "selective":
@@ -99,6 +107,8 @@ def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tens
         loss, _ = selectivenet_loss(cls, gate, aux, y, coverage=head.target_coverage, lam=head.coverage_lambda,
                                     alpha=head.selective_alpha, class_weights=class_weights)
         return loss
+    if loss == "risk_aware":
+        return risk_aware_loss(model(x), y, fn_cost=fn_cost)
     return class_weighted_ce(model(x), y, class_weights=class_weights, label_smoothing=label_smoothing)
 
 
@@ -157,7 +167,7 @@ def fit_head(
         running, seen = 0.0, 0
         for xb, yb in loader:
             loss = head_loss(model, head, xb, yb, class_weights=train_weights,
-                             label_smoothing=config.label_smoothing)
+                             label_smoothing=config.label_smoothing, loss=config.loss, fn_cost=config.fn_cost)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -444,8 +444,9 @@ def record_comparison(report: dict[str, Any], *, mlflow_run_id: str) -> None:
     current = mc.get_model_version(name, version).description or ""
     marker = "\n\n## Champion/challenger comparison\n"
     body = markdown.split("\n", 2)[2] if markdown.count("\n") >= 2 else markdown
-    mc.update_model_version(name, version, description=current.split(marker)[0] + marker
-                            + f"{report['created_at']}: " + body)
+    # the card stays first; each comparison this version went through is appended, newest last
+    head = current if marker in current else current.rstrip() + marker
+    mc.update_model_version(name, version, description=f"{head}\n### {report['created_at']}\n{body}")
     if mlflow_run_id:
         if comp:
             for key in ("mcc", "auroc", "coverage_at_fnr"):

@@ -123,7 +123,7 @@ def test_gate_platt_json_validates_against_gateparams():
     assert isinstance(load_calibrator(d), PlattScaling)
     wrong = dict(d, score="logit_margin")
     validate_json(wrong, "calibration")  # a fine calibrator ...
-    with pytest.raises(ValueError, match="gateparams.schema.json at score"):
+    with pytest.raises(ValueError, match="gateparams.* at score"):
         validate_json(wrong, "gateparams")  # ... but not a gate calibration
 
 

@@ -79,3 +79,36 @@ def test_bad_inputs_are_named():
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="train features contain NaN"):
         fit_head(bad, y, x, y)
+
+
+def test_risk_aware_loss_trades_false_alarms_for_fewer_misses():
+    x, y = blobs(n=1000, shift=0.5, seed=4)
+    xv, yv = blobs(n=2000, shift=0.5, seed=5)
+    fnr = {}
+    for loss in ("ce", "risk_aware"):
+        cfg = TrainConfig(epochs=10, batch_size=64, patience=10, lr=5e-3, loss=loss, fn_cost=5.0)
+        p = predict_positive(fit_head(x, y, xv, yv, config=cfg).model, xv)
+        fnr[loss] = ((p < 0.5) & (yv == 1)).sum() / (yv == 1).sum()
+    assert fnr["risk_aware"] < fnr["ce"] - 0.05
+
+
+def test_selective_head_trains_a_gate_that_ranks_errors():
+    from stage1core.train import head_outputs
+
+    def mixed(n, seed):  # half the samples are separable, half are coin flips; feature 5 tells which
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, n)
+        easy = rng.random(n) < 0.5
+        x = rng.normal(size=(n, 16)).astype(np.float32)
+        x[:, :4] += (easy * (2 * y - 1) * 2.0)[:, None]
+        x[:, 5] += 3.0 * easy
+        return x, y
+
+    x, y = mixed(1500, 6)
+    xv, yv = mixed(1500, 7)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="selective", target_coverage=0.6), config=FAST)
+    out = head_outputs(trained.model, xv)
+    correct = out["logits"].argmax(1) == yv
+    gate = out["gate_logit"]
+    top = gate >= np.quantile(gate, 0.5)
+    assert correct[top].mean() > correct[~top].mean() + 0.05

@@ -18,7 +18,8 @@ class SchemaError(ValueError):
 def load_schema(name: str) -> dict[str, Any]:
     path = SCHEMA_DIR / f"{name}.schema.json"
     if not path.is_file():
-        raise KeyError(f"no schema named {name!r} in {SCHEMA_DIR}")
+        known = sorted(p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.schema.json"))
+        raise SchemaError(f"no schema named {name!r} in {SCHEMA_DIR}; known schemas: {known}")
     return json.loads(path.read_text())
 
 

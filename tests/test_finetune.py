@@ -1,0 +1,308 @@
+"""Backbone fine-tuning: config, the real entry point in child processes (the task's launcher, a run
+killed with SIGKILL and resumed, a 2-process DDP run), process-group timeouts, bundles with adapters.
+
+Accelerate's state is a process-wide singleton, so every training run happens in a subprocess; the
+tiny random-init Eva (conftest.TINY_EVA) at 32 px keeps each run to seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stage1core.backbone import BackboneConfig, resolve_backbone
+from stage1core.finetune import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    CHECKPOINTS,
+    MERGED_BACKBONE,
+    PREPROCESSING,
+    RESULT,
+    FinetuneConfig,
+    attach_bundle_adapters,
+    export_adapter_files,
+    write_launch_config,
+)
+from stage1core.heads import HeadConfig
+from stage1core.peft import AdapterConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_EVA = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32}
+BACKBONE = BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                          model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
+HEAD = HeadConfig(kind="mlp", hidden=16, dropout=0.2)
+# dropout in adapters and head: the global RNG matters, so resume must restore it to be exact.
+# 81 train images / (8 x 2 accumulation) = 5 steps per epoch; 8 steps cross an epoch (an evaluation);
+# checkpoints at steps 3 and 6.
+CONFIG = FinetuneConfig(
+    adapter=AdapterConfig(method="dora", rank=4, alpha=8, dropout=0.1, last_n_blocks=1),
+    optimizer="fsam", lr=5e-3, head_lr=5e-3, epochs=2, max_steps=8, batch_size=8, grad_accum=2,
+    warmup_steps=2, ema_decay=0.9, patience=5, checkpoint_every=3, num_workers=0, seed=7,
+)
+
+
+def child_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def split(tiny_demo, tmp_path_factory):
+    from stage1core.sources import SourceConfig, load_sources
+    from stage1core.splits import SplitConfig, make_splits, read_split_manifest, write_split_manifest
+    from tasks.pipeline import SplitRef
+
+    scan = load_sources([SourceConfig(path=str(tiny_demo), kind="folder")])
+    parts = make_splits(scan.samples, SplitConfig())
+    path = tmp_path_factory.mktemp("split") / "split.json"
+    fp = write_split_manifest(path, parts, SplitConfig(), data_fingerprint=scan.fingerprint())
+    _, parts, manifest = read_split_manifest(path)
+    ref = SplitRef(path=str(path), fingerprint=fp, data_fingerprint=scan.fingerprint(), counts=manifest["counts"],
+                   n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=0)
+    return {"ref": ref, "parts": parts, "path": path}
+
+
+@pytest.fixture(scope="module")
+def reference(split):
+    """The uninterrupted run, launched by the Prefect task's function with CUDA forbidden in this process."""
+    import logging
+
+    from tasks import finetune as finetune_task
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("tasks.finetune")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("torch.cuda was touched in the launching (Prefect) process")
+
+    started = time.perf_counter()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("_lazy_init", "is_available", "device_count", "init"):
+                mp.setattr(torch.cuda, name, forbidden)
+            ref = finetune_task.fit_backbone.fn(split["ref"], BACKBONE, HEAD, CONFIG,
+                                                finetune_task.LaunchConfig(cpu=True, timeout_s=300))
+    finally:
+        logger.removeHandler(handler)
+    return {"ref": ref, "lines": lines, "seconds": time.perf_counter() - started}
+
+
+def test_config_validates_and_round_trips():
+    data = json.loads(json.dumps(CONFIG.to_json()))
+    assert FinetuneConfig.from_json(data) == CONFIG
+    for bad in [dict(optimizer="sgd"), dict(precision="fp16"), dict(lr=0), dict(grad_accum=0), dict(max_steps=-1),
+                dict(ema_decay=1.0), dict(crop_scale_min=0.0), dict(batch_size=2.5)]:
+        with pytest.raises(ValueError, match="FinetuneConfig"):
+            FinetuneConfig(**bad)
+    with pytest.raises(ValueError, match="unknown fields"):
+        FinetuneConfig.from_json({"learning_rate": 1e-3})
+
+
+def test_task_trains_in_a_child_and_never_initialises_cuda(reference, split):
+    from stage1core.train import load_head
+
+    ref, lines = reference["ref"], reference["lines"]
+    assert not torch.cuda.is_initialized()
+    # the child's output streamed into the task's logger, line by line
+    assert lines[0].startswith("launching: ") and "-m stage1core.finetune" in lines[0]
+    assert any(line.startswith("stage1-metrics ") for line in lines)
+    assert any("fine-tuning done" in line for line in lines)
+    out = Path(ref.path)
+    assert {p.name for p in out.iterdir()} >= {ADAPTER_WEIGHTS, ADAPTER_META, "head.safetensors", "head.json",
+                                               PREPROCESSING, RESULT}
+    assert not (out / CHECKPOINTS).exists()  # removed after success (keep_checkpoints=False)
+    result = json.loads((out / RESULT).read_text())
+    assert ref.steps == 8 and result["history"][-1]["step"] == 8 and len(result["history"]) == 2
+    assert ref.best_step in (5, 8) and set(ref.metrics) >= {"val_loss", "val_accuracy", "val_mcc", "val_auroc"}
+    assert len(result["val_predictions"]["p_roadwork"]) == len(split["parts"]["val"])
+    head = load_head(out)  # the bundle code's reader
+    assert head.in_dim == 64 and head.head == HEAD
+    from safetensors.torch import load_file
+
+    adapters = load_file(str(out / ADAPTER_WEIGHTS))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapters.items())  # the adapters learned
+    assert any("lora_magnitude" in k for k in adapters)  # DoRA
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(reference, split, tmp_path):
+    launch = write_launch_config(tmp_path / "launch.json", backbone=BACKBONE, head=HEAD, config=CONFIG,
+                                 split_manifest=split["path"])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stage1core.finetune", "--config", str(launch), "--out", str(out)]
+    killed = subprocess.run([*cmd, "--kill-at-step", "7"], env=child_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stdout + killed.stderr  # SIGKILL: no cleanup ran
+    assert not (out / RESULT).exists()
+    assert [p.name for p in (out / CHECKPOINTS).glob("step-*")] == ["step-00000006"]
+    resumed = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "step 6 of 8" in resumed.stdout
+
+    done = Path(reference["ref"].path)
+    for name in (ADAPTER_WEIGHTS, "head.safetensors"):
+        assert sha(out / name) == sha(done / name), name
+    mine, theirs = (json.loads((d / RESULT).read_text()) for d in (out, done))
+    assert mine["fingerprint"] == theirs["fingerprint"] and mine["resumed_from"] == 6
+    assert mine["val_predictions"] == theirs["val_predictions"]
+    drop = ("train_loss",)  # identical too; listed to show the comparison is over everything else as well
+    assert [{k: v for k, v in r.items() if k not in drop} for r in mine["history"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in theirs["history"]]
+    assert [r["train_loss"] for r in mine["history"]] == [r["train_loss"] for r in theirs["history"]]
+
+    # a finished directory is returned as is; another run's outputs are refused (both before any training)
+    from stage1core.finetune import fit_backbone
+
+    train, val = split["parts"]["train"], split["parts"]["val"]
+    kwargs = dict(backbone=resolve_backbone(BACKBONE), head=HEAD, out_dir=out)
+    assert fit_backbone(train, val, config=CONFIG, **kwargs).fingerprint == mine["fingerprint"]
+    with pytest.raises(ValueError, match="choose an empty output directory"):
+        fit_backbone(train, val, config=dataclasses.replace(CONFIG, seed=8), **kwargs)
+
+
+def test_launch_commands():
+    from tasks.finetune import LaunchConfig, launch_command
+
+    single = launch_command("c.json", "out", LaunchConfig())
+    assert single == [sys.executable, "-m", "stage1core.finetune", "--config", "c.json", "--out", "out"]
+    multi = launch_command("c.json", "out", LaunchConfig(num_processes=4, num_machines=2, machine_rank=1,
+                                                         main_process_ip="10.0.0.1", main_process_port=29600))
+    assert multi[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    joined = " ".join(multi)
+    for part in ["--num_processes 8", "--multi_gpu", "--num_machines 2", "--machine_rank 1",
+                 "--main_process_ip 10.0.0.1", "--main_process_port 29600",
+                 "-m stage1core.finetune --config c.json --out out"]:
+        assert part in joined
+    with pytest.raises(ValueError, match="main_process_ip"):
+        LaunchConfig(num_machines=2)
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path):
+    from tasks.finetune import run_child
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        f"g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+        "print('started', flush=True)\n"
+        "print('to stderr', file=sys.stderr, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    seen: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="process group was killed"):
+        run_child([sys.executable, "-c", script], timeout_s=3, kill_grace_s=1, on_line=seen.append)
+    assert time.monotonic() - started < 15
+    assert seen == ["started", "to stderr"]
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(grandchild):
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    code, tail = run_child([sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"], timeout_s=30)
+    assert (code, tail) == (3, ["a", "b"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie is dead, only not yet reaped
+
+
+def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(reference, split, tmp_path):
+    from stage1core.bundle import export_bundle, load_bundle
+    from stage1core.guarantees import GuaranteeConfig, fnr_threshold
+
+    out = Path(reference["ref"].path)
+    result = json.loads((out / RESULT).read_text())
+    preds = result["val_predictions"]
+    p_train = np.array(preds["p_roadwork"])
+    y = np.array(preds["labels"])
+    thr = fnr_threshold(p_train[y == 1], GuaranteeConfig(alpha=0.5, delta=0.5))
+    spec = resolve_backbone(BACKBONE)
+    unmerged_files = export_adapter_files(out, merge=False)
+    merged_files = export_adapter_files(out, merge=True)
+    assert set(unmerged_files) == {ADAPTER_WEIGHTS, ADAPTER_META}
+    assert set(merged_files) == {MERGED_BACKBONE, ADAPTER_META}
+
+    predictors = {}
+    for name, files in [("unmerged", unmerged_files), ("merged", merged_files)]:
+        info = export_bundle(
+            tmp_path / "bundles", name=name, backbone=spec, preprocessing=json.loads((out / PREPROCESSING).read_text()),
+            head_dir=out, metrics=result["metrics"],
+            policy_files={"thresholds.json": {"policy": "threshold", **thr.to_json()},
+                          "policy.json": {"policy": "threshold", "gate_min_confidence": None}},
+            model_card="# card\n", inputs={"finetune_fingerprint": result["fingerprint"]}, files=files,
+        )
+        predictor = load_bundle(info.path, device="cpu")
+        predictor.backbone = attach_bundle_adapters(predictor.backbone, predictor.bundle_dir, predictor.manifest)
+        predictors[name] = predictor
+    by_id = {s.sample_id: s for s in split["parts"]["val"]}
+    paths = [by_id[sid].locator for sid in preds["sample_ids"]]
+    p = {name: pr.predict_proba(paths) for name, pr in predictors.items()}
+    np.testing.assert_allclose(p["merged"], p["unmerged"], atol=1e-5)
+    # the Predictor reproduces the training-time evaluation (features pass through fp16 in the Predictor)
+    np.testing.assert_allclose(p["unmerged"], p_train, atol=2e-3)
+    # folding the adapters in at load time is the same function
+    folded = load_bundle(predictors["unmerged"].bundle_dir, device="cpu")
+    folded.backbone = attach_bundle_adapters(folded.backbone, folded.bundle_dir, folded.manifest, merge=True)
+    np.testing.assert_allclose(folded.predict_proba(paths), p["unmerged"], atol=1e-5)
+    # and the adapters matter: the plain backbone under the same head predicts otherwise
+    plain = load_bundle(predictors["unmerged"].bundle_dir, device="cpu").predict_proba(paths)
+    assert np.abs(plain - p["unmerged"]).max() > 1e-3
+
+
+def test_ddp_two_processes_agree(split, tmp_path):
+    """2-process CPU DDP through accelerate's debug_launcher: sharded data, one set of outputs."""
+    result = subprocess.run([sys.executable, __file__, "ddp", str(split["path"]), str(tmp_path / "ddp")],
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and "ddp OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def ddp_worker(split_path: str, out_dir: str) -> None:
+    from accelerate import PartialState
+
+    from stage1core.finetune import fit_backbone
+    from stage1core.splits import read_split_manifest
+
+    _, parts, _ = read_split_manifest(split_path)
+    config = dataclasses.replace(CONFIG, batch_size=4, max_steps=4, checkpoint_every=2)
+    result = fit_backbone(parts["train"], parts["val"], backbone=resolve_backbone(BACKBONE), head=HEAD,
+                          config=config, out_dir=out_dir)
+    state = PartialState()
+    assert state.num_processes == 2 and result.num_processes == 2 and result.steps == 4
+    # every rank returns the main process's result (the same file)
+    assert result.fingerprint == json.loads((Path(out_dir) / RESULT).read_text())["fingerprint"]
+    assert len(result.val_predictions["p_roadwork"]) == len(parts["val"])
+
+
+def scenario_ddp(split_path: str, out_dir: str) -> None:
+    from accelerate import debug_launcher
+
+    debug_launcher(ddp_worker, args=(split_path, out_dir), num_processes=2)
+    assert (Path(out_dir) / ADAPTER_WEIGHTS).is_file()
+
+
+if __name__ == "__main__":
+    scenario = sys.argv[1]
+    {"ddp": scenario_ddp}[scenario](*sys.argv[2:])
+    print(f"{scenario} OK")
