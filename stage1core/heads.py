@@ -10,6 +10,7 @@ selective head's `forward(x, return_all=True)` also returns the gate and aux out
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ HEAD_KINDS = ("mlp", "linear", "selective")
 @dataclass(frozen=True)
 class HeadConfig:
     # mlp (hidden -> 768 -> 2), linear (hidden -> 2), or selective (trunk + cls/gate/aux heads)
-    kind: str = "mlp"
+    kind: Literal["mlp", "linear", "selective"] = "mlp"
     # width of the hidden layer (MLP and selective trunk)
     hidden: int = 768
     # dropout before the last layer

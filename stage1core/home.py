@@ -54,6 +54,7 @@ def configure_environment() -> dict[str, str]:
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri(),
         # MLflow otherwise warns on every run about a git repo it may not find
         "GIT_PYTHON_REFRESH": "quiet",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     applied = {}
     for key, value in defaults.items():

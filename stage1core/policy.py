@@ -14,7 +14,7 @@ exactly; the threshold is unchanged by any monotone calibrator anyway (docs/sele
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,9 +29,9 @@ SCRC_SCORES = ("gate", "maxprob")
 @dataclass(frozen=True)
 class PolicyConfig:
     # threshold | gate | scrc: the decision rule the bundle applies
-    policy: str = "threshold"
+    policy: Literal["threshold", "gate", "scrc"] = "threshold"
     # none | temperature | dirichlet: calibrator of the reported p(roadwork)
-    calibrator: str = "temperature"
+    calibrator: Literal["none", "temperature", "dirichlet"] = "temperature"
     # gate policy: abstain when the calibrated gate's P(correct) is below this
     gate_min_confidence: float = 0.9
     # scrc policy: max FNR among accepted samples, failure probability, minimum coverage
@@ -39,7 +39,7 @@ class PolicyConfig:
     scrc_delta: float = 0.1
     scrc_xi: float = 0.6
     # scrc policy: confidence that selects samples: the gate (selective head) or max(p, 1 - p)
-    scrc_score: str = "gate"
+    scrc_score: Literal["gate", "maxprob"] = "gate"
     # scrc policy: number of selection thresholds searched (Bonferroni divisor of the risk test)
     scrc_grid_size: int = 10
 

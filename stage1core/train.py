@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class TrainConfig:
     # ce (class-weighted cross-entropy) or risk_aware (cost-weighted focal loss that punishes confident
     # missed roadwork fn_cost times more than confident false alarms; docs/selective.md); the selective
     # head always trains with the SelectiveNet loss
-    loss: str = "ce"
+    loss: Literal["ce", "risk_aware"] = "ce"
     fn_cost: float = 5.0
 
     def __post_init__(self) -> None:

@@ -88,3 +88,24 @@ def test_weights_file_is_hash_checked(tmp_path):
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BackboneError, match="sha256"):
         build_backbone(spec, verify=True)
+
+
+def test_offline_hugging_face_cache_is_found_and_hashed(tmp_path, monkeypatch):
+    """The real loading path: timm pretrained weights resolved from a (fake, local) hub cache."""
+    import timm
+    from safetensors.torch import save_file
+
+    donor = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, **TINY_EVA)
+    repo = tmp_path / "hub" / "models--timm--vit_small_patch16_dinov3.lvd1689m"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = BackboneConfig(name="vit_small_patch16_dinov3.lvd1689m", weights="pretrained", pooling="cls",
+                         model_kwargs=dict(TINY_EVA))
+    model, spec = load_backbone(cfg)
+    assert spec.weights_kind == "hf-cache" and spec.weights_file.endswith("model.safetensors")
+    for (name, p), q in zip(model.state_dict().items(), donor.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name

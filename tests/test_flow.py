@@ -169,3 +169,25 @@ def test_selective_head_with_each_policy(prefect_server, tiny_demo, policy):
     assert [-1 if r["abstain"] else r["decision"] for r in out] == preds["decision"]
     assert all((r["prediction_set"] == []) == r["abstain"] for r in out)
     assert np.mean([not r["abstain"] for r in out]) == pytest.approx(m["coverage"])
+
+
+def test_parameters_render_as_a_typed_form_and_validate():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.train_pipeline import train_pipeline
+
+    schema = parameter_schema(train_pipeline.fn).model_dump()
+    assert {"sources", "splits", "backbone", "features", "head", "train", "guarantee", "policy", "registry"} <= set(
+        schema["properties"])
+    backbone = schema["definitions"]["BackboneConfig"]["properties"]
+    assert backbone["pooling"]["enum"] == ["cls", "avg", "cls+avg"]
+    assert schema["definitions"]["GuaranteeConfig"]["properties"]["alpha"]["default"] == 0.02
+    values = train_pipeline.validate_parameters(
+        {"backbone": {"name": "tf_efficientnet_lite0", "weights": "random", "pooling": "avg"},
+         "sources": [{"path": "/data/labels.csv", "role": "train_only"}]})
+    assert isinstance(values["backbone"], BackboneConfig) and values["backbone"].pooling == "avg"
+    assert isinstance(values["sources"][0], SourceConfig) and values["sources"][0].role == "train_only"
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError):
+        train_pipeline.validate_parameters({"backbone": {"pooling": "max"}})
