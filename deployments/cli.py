@@ -213,6 +213,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+class ServerUnreachable(RuntimeError):
+    """A server named by PREFECT_API_URL or MLFLOW_TRACKING_URI does not accept connections."""
+
+
+# which servers each command talks to; checked before anything is imported, read or computed
+SERVERS_USED = {
+    "demo": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "train": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "promote": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "evaluate": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "serve": ("PREFECT_API_URL",),
+    "ingest": ("PREFECT_API_URL",),
+}
+
+
+def check_servers(command: str, *, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, naming the setting, when an http(s) server the command needs is down: Prefect's
+    and MLflow's clients would otherwise retry with backoff for minutes. Unset settings (embedded
+    defaults) and local stores (sqlite, files) are not checked."""
+    import socket
+    from urllib.parse import urlparse
+
+    for setting in SERVERS_USED.get(command, ()):
+        url = os.environ.get(setting, "")
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https"):
+            continue
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s):
+                pass
+        except OSError as exc:
+            raise ServerUnreachable(
+                f"{setting}={url} is unreachable ({type(exc).__name__}: {exc}); start the server or point "
+                f"{setting} at a running one (unset it for the embedded default). Nothing was computed."
+            ) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stage1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        check_servers(args.command)
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:  # errors meant for people: no traceback
+    except (ValueError, FileNotFoundError, ServerUnreachable) as exc:  # errors meant for people: no traceback
         print(f"stage1: error: {exc}", file=sys.stderr)
         return 2
 

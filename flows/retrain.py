@@ -53,6 +53,7 @@ def retrain(
         model_name=registry.model_name, challenger_version=challenger, split_manifest=result["split_manifest"],
         guarantee=guarantee, config=comparison,
     )
+    # images embedded by the feature task (0 new ones cost nothing; a cached task reports its first run)
     report["n_embedded"] = result["features"]["n_computed"]
     report["trigger"] = trigger or "manual"
     promoted = None

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from stage1core.backbone import BackboneConfig
 from stage1core.features import FeatureConfig
+from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.policy import PolicyConfig
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
 from stage1core.train import TrainConfig
+from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_backbone, head_ref_of
 from tasks.pipeline import (
     build_splits,
     calibrate,
@@ -65,10 +67,18 @@ def train_pipeline(
     policy: PolicyConfig = PolicyConfig(),
     registry: RegistryConfig = RegistryConfig(),
     max_quarantined_fraction: float = 0.01,
+    backbone_mode: Literal["frozen", "lora", "dora"] = "frozen",
+    finetune: FinetuneConfig = FinetuneConfig(),
+    launch: LaunchConfig = LaunchConfig(),
+    merge_adapters: bool = False,
 ) -> dict[str, Any]:
     """Train, calibrate, evaluate, export and register a roadwork classifier.
 
     With no sources, runs on the embedded demo dataset (generated under $STAGE1_HOME if absent).
+    backbone_mode `frozen` trains the head on cached features; `lora`/`dora` fine-tunes adapters on the
+    backbone's last blocks together with the head, on images, in a child process (`launch`: one device,
+    or `accelerate launch` on several GPUs/nodes). Calibration, evaluation, export and registration
+    are the same tasks either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -81,17 +91,29 @@ def train_pipeline(
     )
     try:
         split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
-        feats = extract_features(split, backbone, features)
-        head_ref = fit_head(split, feats, head, train)
+        adapter_dir = None
+        if backbone_mode == "frozen":
+            feats = extract_features(split, backbone, features)
+            head_ref = fit_head(split, feats, head, train)
+        else:
+            tuned = fit_backbone(split, backbone, head,
+                                 replace(finetune, adapter=replace(finetune.adapter, method=backbone_mode)), launch)
+            feats = extract_adapted_features_task(split, tuned, finetune.precision)
+            head_ref = head_ref_of(tuned)
+            adapter_dir = tuned.path
         policy_files = calibrate(split, feats, head_ref, guarantee, policy)
         thresholds = policy_files["thresholds.json"]
         evaluation = evaluate_test(split, feats, head_ref, policy_files)
         bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
                                head_config=head, policy_files=policy_files, evaluation=evaluation,
-                               backbone=backbone)
+                               backbone=backbone, adapter_dir=adapter_dir, merge_adapters=merge_adapters)
         params = {name: dataclasses.asdict(cfg) for name, cfg in (
             ("splits", splits), ("backbone", backbone), ("features", features), ("head", head),
             ("train", train), ("guarantee", guarantee), ("policy", policy))}
+        params["backbone_mode"] = backbone_mode
+        if backbone_mode != "frozen":
+            params["finetune"] = finetune.to_json()
+            params["launch"] = dataclasses.asdict(launch)
         params["sources"] = [dataclasses.asdict(s) for s in sources]
         log_params(run["run_id"], params)
         client_tags = {"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,

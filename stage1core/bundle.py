@@ -146,25 +146,53 @@ def _safe_member(root: Path, rel: str) -> Path:
     return path
 
 
+# files every bundle holds: the Predictor reads them, so each must be listed (and hashed) in the manifest
+REQUIRED_FILES = ("backbone.json", "preprocessing.json", "thresholds.json", "policy.json", "metrics.json",
+                  HEAD_WEIGHTS, HEAD_META)
+
+
+def _manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """The bundle fingerprint as export_bundle computes it from the manifest's own fields."""
+    return fingerprint("bundle", manifest["format_version"], manifest["name"], manifest["policy"],
+                       manifest["backbone_fingerprint"], manifest["files"], manifest["inputs"])
+
+
+def _read_json_member(root: Path, rel: str) -> Any:
+    try:
+        return json.loads((root / rel).read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{root / rel}: not valid JSON ({type(exc).__name__}: {exc})") from exc
+
+
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
-    """The manifest, after checking its schema and the sha256 of every file it lists."""
+    """The manifest, after checking its format version, schema, required files, the sha256 of every
+    file it lists, every JSON file's schema and its own fingerprint. Raises only BundleError."""
     root = Path(bundle_dir)
     mpath = root / MANIFEST
+    if root.name.startswith(".") and root.name.endswith(".tmp"):
+        raise BundleError(f"{root}: an unfinished export (atomic_dir's temporary name), not a bundle")
     if not mpath.is_file():
         raise BundleError(f"{root}: not a bundle (no {MANIFEST}; an interrupted export leaves none)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+    manifest = _read_json_member(root, MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT and \
+            manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{mpath}: bundle format version {manifest.get('format_version')!r}; this stage1 "
+                          f"({__version__}) reads version {FORMAT_VERSION}: export the bundle again")
     try:
         validate_json(manifest, "bundle", source=str(mpath))
     except SchemaError as exc:
         raise BundleError(str(exc)) from exc
+    missing = [rel for rel in REQUIRED_FILES if rel not in manifest["files"]]
+    if missing:
+        raise BundleError(f"{mpath}: the manifest does not list {missing}; every bundle needs {REQUIRED_FILES}")
     for rel, expected in manifest["files"].items():
-        path = _safe_member(root, rel)
-        if not path.is_file():
-            raise BundleError(f"{root}: file {rel} listed in the manifest is missing")
-        actual = sha256_file(path)
+        try:
+            path = _safe_member(root, rel)
+            if not path.is_file():
+                raise BundleError(f"{root}: file {rel} listed in the manifest is missing")
+            actual = sha256_file(path)
+        except OSError as exc:  # a name too long, a loop of links, a permission problem
+            raise BundleError(f"{root}: cannot read {rel!r} listed in the manifest ({exc})") from exc
         if actual != expected:
             raise BundleError(
                 f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…); "
@@ -173,9 +201,12 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     for rel, schema in JSON_SCHEMAS.items():
         if rel in manifest["files"]:
             try:
-                validate_json(json.loads((root / rel).read_text()), schema, source=str(root / rel))
+                validate_json(_read_json_member(root, rel), schema, source=str(root / rel))
             except SchemaError as exc:
                 raise BundleError(str(exc)) from exc
+    if _manifest_fingerprint(manifest) != manifest["fingerprint"]:
+        raise BundleError(f"{mpath}: the fingerprint does not match the manifest's contents (the manifest was "
+                          "edited by hand or damaged); export the bundle again")
     return manifest
 
 
@@ -198,6 +229,14 @@ def _locate_weights(spec: BackboneSpec, weights_override: str | Path | None) -> 
     return BackboneSpec.from_json(data)
 
 
+def _backbone_fingerprint(spec: BackboneSpec) -> str:
+    """The fingerprint recomputed from the spec's fields, as backbone.resolve_backbone computes it: the
+    stored `fingerprint` field alone would let an edited backbone.json pass."""
+    random = spec.weights_kind == "random"
+    return fingerprint("backbone", spec.name, "random" if random else "weights", spec.weights_sha256, spec.pooling,
+                       spec.model_kwargs, spec.seed if random else None, spec.input_size)
+
+
 ImageInput = str | Path | bytes | Any  # path, JPEG/PNG bytes, or a PIL image
 
 
@@ -208,19 +247,36 @@ class Predictor:
                  weights_override: str | Path | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
-        read = lambda rel: json.loads((bundle_dir / rel).read_text())
+        read = lambda rel: _read_json_member(bundle_dir, rel)
         self.spec = _locate_weights(BackboneSpec.from_json(read("backbone.json")), weights_override)
-        if self.spec.fingerprint != manifest["backbone_fingerprint"]:
-            raise BundleError(f"{bundle_dir}/backbone.json: fingerprint does not match the manifest")
+        actual = _backbone_fingerprint(self.spec)
+        if actual != manifest["backbone_fingerprint"] or self.spec.fingerprint != actual:
+            raise BundleError(f"{bundle_dir}/backbone.json: backbone fingerprint {actual[:12]}… (from its fields) "
+                              f"does not match the manifest ({manifest['backbone_fingerprint'][:12]}…)")
         self.preprocessing = read("preprocessing.json")
-        self.policy = FittedPolicy.from_files({rel: read(rel) for rel in POLICY_FILES if rel in manifest["files"]})
+        policy_files = {rel: read(rel) for rel in POLICY_FILES if rel in manifest["files"]}
+        if policy_files["policy.json"].get("policy") != manifest["policy"]:
+            raise BundleError(f"{bundle_dir}/policy.json: policy {policy_files['policy.json'].get('policy')!r} "
+                              f"does not match the manifest ({manifest['policy']!r})")
+        try:
+            self.policy = FittedPolicy.from_files(policy_files)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{bundle_dir}: inconsistent policy files ({type(exc).__name__}: {exc})") from exc
         self.metrics = read("metrics.json")
         self.device = resolve_device(device)
         try:
-            self.backbone = build_backbone(self.spec, verify=True).to(self.device)
+            backbone = build_backbone(self.spec, verify=True).to(self.device)
         except BackboneError as exc:
             raise BundleError(f"{bundle_dir}: {exc}") from exc
-        self.head = load_head(bundle_dir).model
+        # a fine-tuned bundle carries DoRA/LoRA adapters (or merged weights); folded in for speed
+        from .finetune import attach_bundle_adapters
+
+        self.backbone = attach_bundle_adapters(backbone, bundle_dir, manifest, merge=True)
+        try:
+            self.head = load_head(bundle_dir).model
+        except Exception as exc:  # safetensors/JSON/shape errors: the head files do not fit together
+            raise BundleError(f"{bundle_dir}: cannot build the head from {HEAD_WEIGHTS} + {HEAD_META} "
+                              f"({type(exc).__name__}: {exc})") from exc
         self.transform = eval_transform(self.preprocessing)
         self.draft = draft_size(self.preprocessing)
         self.threshold = float(self.policy.threshold.threshold)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from stage1core.storage import atomic_write_bytes, atomic_write_json
 
@@ -233,17 +234,43 @@ SKIES: dict[str, tuple[RGB, RGB]] = {
     "dusk": ((58, 58, 110), (236, 146, 92)),
 }
 FACADES: list[RGB] = [
-    (196, 186, 168), (170, 160, 150), (214, 206, 190), (150, 110, 90), (178, 96, 66), (200, 140, 90),
-    (120, 120, 128), (230, 220, 200), (160, 170, 150), (210, 180, 130), (140, 80, 60), (188, 190, 196),
+    (196, 186, 168),
+    (170, 160, 150),
+    (214, 206, 190),
+    (150, 110, 90),
+    (178, 96, 66),
+    (200, 140, 90),
+    (120, 120, 128),
+    (230, 220, 200),
+    (160, 170, 150),
+    (210, 180, 130),
+    (140, 80, 60),
+    (188, 190, 196),
 ]
 CAR_COLOURS: list[RGB] = [
-    (235, 235, 235), (25, 25, 28), (165, 168, 172), (95, 98, 104), (30, 60, 140), (160, 20, 25),
-    (30, 70, 45), (200, 185, 150), (60, 120, 190), (110, 20, 30),
+    (235, 235, 235),
+    (25, 25, 28),
+    (165, 168, 172),
+    (95, 98, 104),
+    (30, 60, 140),
+    (160, 20, 25),
+    (30, 70, 45),
+    (200, 185, 150),
+    (60, 120, 190),
+    (110, 20, 30),
 ]
 HARD_CAR_COLOURS: list[RGB] = [(235, 110, 20), (245, 190, 0), (225, 80, 20), (250, 205, 30)]
 CLOTHES: list[RGB] = [
-    (30, 30, 35), (40, 50, 90), (200, 200, 200), (150, 30, 35), (80, 80, 85), (50, 90, 60),
-    (120, 90, 60), (170, 150, 120), (70, 110, 170), (235, 235, 230),
+    (30, 30, 35),
+    (40, 50, 90),
+    (200, 200, 200),
+    (150, 30, 35),
+    (80, 80, 85),
+    (50, 90, 60),
+    (120, 90, 60),
+    (170, 150, 120),
+    (70, 110, 170),
+    (235, 235, 230),
 ]
 HARD_CLOTHES: list[RGB] = [(235, 120, 30), (240, 200, 40), (220, 70, 40)]
 SKIN: list[RGB] = [(236, 200, 170), (200, 150, 110), (150, 100, 70), (95, 65, 45), (225, 180, 140)]
@@ -302,7 +329,9 @@ class _Painter:
                 alpha = int(self.rng.integers(60, 150))
                 for k in range(3):
                     ox = self.rng.uniform(-0.5, 0.5) * rx
-                    d.ellipse([cx + ox - rx, cy - ry * (1 + 0.3 * k), cx + ox + rx, cy + ry], (250, 250, 250, alpha))
+                    d.ellipse(
+                        [cx + ox - rx, cy - ry * (1 + 0.3 * k), cx + ox + rx, cy + ry], (250, 250, 250, alpha)
+                    )
         ground = _jitter(self.rng, (120, 118, 112), 15)
         d.rectangle([0, self.cam.horizon, self.cam.width, self.cam.height], fill=ground)
 
@@ -321,7 +350,9 @@ class _Painter:
                 )
             else:
                 top = float(rng.uniform(8, 45))
-                colour = _mix(_jitter(rng, FACADES[int(rng.integers(len(FACADES)))], 10), SKIES[self.sky][1], 0.45)
+                colour = _mix(
+                    _jitter(rng, FACADES[int(rng.integers(len(FACADES)))], 10), SKIES[self.sky][1], 0.45
+                )
                 d.polygon(_quad(cam, x, x + w, 0, top, z, z), fill=colour)
             x += w
 
@@ -344,8 +375,15 @@ class _Painter:
         cam, rng, d = self.cam, self.rng, self.draw
         far_x = edge + side * 60.0
         grass = _jitter(rng, (95, 125, 70) if not self.autumn else (140, 125, 70), 15)
-        d.polygon([cam.pt(edge, 0, cam.z_bottom * 0.5), cam.pt(edge, 0, 300), cam.pt(far_x, 0, 300),
-                   cam.pt(far_x, 0, cam.z_bottom * 0.5)], fill=grass)
+        d.polygon(
+            [
+                cam.pt(edge, 0, cam.z_bottom * 0.5),
+                cam.pt(edge, 0, 300),
+                cam.pt(far_x, 0, 300),
+                cam.pt(far_x, 0, cam.z_bottom * 0.5),
+            ],
+            fill=grass,
+        )
         hedge = _jitter(rng, (55, 90, 50), 12)
         x = edge + side * float(rng.uniform(3, 12))
         d.polygon(_quad(cam, x, x, 0, float(rng.uniform(1.5, 4.0)), cam.z_bottom * 0.5, 200), fill=hedge)
@@ -385,7 +423,10 @@ class _Painter:
         asphalt = _grey(rng, 92 if rng.random() < 0.7 else 62, 14, (0, 0, 3))
         walk = _grey(rng, 165, 18, (3, 1, -4))
         kerb = _shade(walk, 1.08)
-        for a, b in ((self.road_left - self.walk_w, self.road_left), (self.road_right, self.road_right + self.walk_w)):
+        for a, b in (
+            (self.road_left - self.walk_w, self.road_left),
+            (self.road_right, self.road_right + self.walk_w),
+        ):
             d.polygon(_quad(cam, a, b, 0.15, 0.15, near, far), fill=walk)
             # paving joints
             for zz in np.arange(math.ceil(near), 60.0, float(rng.uniform(1.5, 3.0))):
@@ -399,8 +440,10 @@ class _Painter:
         for _ in range(int(rng.integers(0, 4))):
             x0 = float(rng.uniform(self.road_left, self.road_right - 1))
             z0 = float(rng.uniform(near * 2, 50))
-            d.polygon(_quad(cam, x0, x0 + float(rng.uniform(0.5, 3)), 0, 0, z0, z0 + float(rng.uniform(1, 8))),
-                      fill=_shade(asphalt, float(rng.uniform(0.75, 1.15))))
+            d.polygon(
+                _quad(cam, x0, x0 + float(rng.uniform(0.5, 3)), 0, 0, z0, z0 + float(rng.uniform(1, 8))),
+                fill=_shade(asphalt, float(rng.uniform(0.75, 1.15))),
+            )
         line = _jitter(rng, (232, 232, 225), 10) if rng.random() < 0.85 else (225, 190, 40)
         dash, gap = float(rng.uniform(2.5, 4.5)), float(rng.uniform(5, 9))
         offset = float(rng.uniform(0, dash + gap))
@@ -475,7 +518,9 @@ class _Painter:
             else:  # parked at the kerb
                 x = self.road_left + 1.1 if rng.random() < 0.5 else self.road_right - 1.1
             hard = rng.random() < 0.08
-            colour = (HARD_CAR_COLOURS if hard else CAR_COLOURS)[int(rng.integers(4 if hard else len(CAR_COLOURS)))]
+            colour = (HARD_CAR_COLOURS if hard else CAR_COLOURS)[
+                int(rng.integers(4 if hard else len(CAR_COLOURS)))
+            ]
             kind = str(rng.choice(["car", "car", "car", "suv", "van", "truck"]))
             if hard and rng.random() < 0.25:
                 kind = "truck"  # municipal trucks are orange too
@@ -494,21 +539,40 @@ class _Painter:
             side = int(rng.choice([-1, 1]))
             z = self.random_z(1.5, 40)
             x = (self.road_left - 0.3) if side < 0 else (self.road_right + 0.3)
-            kind = str(rng.choice(["speed", "speed", "blue_round", "parking", "stop", "give_way", "priority",
-                                   "warning", "warning"]))
+            kind = str(
+                rng.choice(
+                    [
+                        "speed",
+                        "speed",
+                        "blue_round",
+                        "parking",
+                        "stop",
+                        "give_way",
+                        "priority",
+                        "warning",
+                        "warning",
+                    ]
+                )
+            )
             self.add(z, _bind(self.sign, x, z, kind, float(rng.uniform(0.55, 0.85)), 2.3, False))
         if rng.random() < 0.15:  # orange bin or yellow post box on the pavement
             side = int(rng.choice([-1, 1]))
             z = self.random_z(1.5, 30)
-            self.add(z, _bind(self.bin, self.walk_x(side), z, _jitter(rng, HARD_CLOTHES[int(rng.integers(2))], 10)))
+            self.add(
+                z, _bind(self.bin, self.walk_x(side), z, _jitter(rng, HARD_CLOTHES[int(rng.integers(2))], 10))
+            )
 
     def roadwork(self) -> None:
         """One to several groups of roadwork evidence, the first at the focus spot (sometimes small, far)."""
         rng = self.rng
         n_groups = int(rng.choice([1, 2, 2, 3, 3, 4]))
         for g in range(n_groups):
-            kind = str(rng.choice(["cone_line", "cones", "barricade", "barriers", "sign", "workers", "site",
-                                   "fence"], p=[0.2, 0.15, 0.14, 0.1, 0.13, 0.1, 0.1, 0.08]))
+            kind = str(
+                rng.choice(
+                    ["cone_line", "cones", "barricade", "barriers", "sign", "workers", "site", "fence"],
+                    p=[0.2, 0.15, 0.14, 0.1, 0.13, 0.1, 0.1, 0.08],
+                )
+            )
             getattr(self, f"_rw_{kind}")(self.focus if g == 0 else None)
 
     def decoy(self) -> None:
@@ -520,8 +584,18 @@ class _Painter:
             clothes = HARD_CLOTHES if rng.random() < 0.5 else CLOTHES
             self.add(z, _bind(self.person, x, z, clothes[int(rng.integers(len(clothes)))], False))
         elif kind == "sign":
-            self.add(z, _bind(self.sign, x, z, str(rng.choice(["warning", "give_way", "speed", "priority"])),
-                              float(rng.uniform(0.6, 0.9)), 2.2, False))
+            self.add(
+                z,
+                _bind(
+                    self.sign,
+                    x,
+                    z,
+                    str(rng.choice(["warning", "give_way", "speed", "priority"])),
+                    float(rng.uniform(0.6, 0.9)),
+                    2.2,
+                    False,
+                ),
+            )
         elif kind == "bin":
             self.add(z, _bind(self.bin, x, z, _jitter(rng, HARD_CLOTHES[int(rng.integers(2))], 10)))
         else:
@@ -529,7 +603,13 @@ class _Painter:
             self.add(z, _bind(self.vehicle, x, z, _jitter(rng, colour, 10), "car"))
 
     def _visible_spot(
-        self, *, on_road: bool, near: float = 1.4, far: float = 40.0, near_share: float = 0.7, margin: float = 0.06
+        self,
+        *,
+        on_road: bool,
+        near: float = 1.4,
+        far: float = 40.0,
+        near_share: float = 0.7,
+        margin: float = 0.06,
     ) -> tuple[float, float]:
         rng = self.rng
         if rng.random() < near_share:  # most evidence is close enough to see well; the rest small and far
@@ -585,9 +665,13 @@ class _Painter:
     def _rw_sign(self, spot: tuple[float, float] | None) -> None:
         rng = self.rng
         x, z = spot or self._visible_spot(on_road=bool(rng.random() < 0.4), far=35)
-        on_stand = rng.random() < 0.5
-        self.add(z, _bind(self.sign, x, z, "roadwork", float(rng.uniform(0.8, 1.2)),
-                          1.0 if on_stand else 2.2, on_stand))
+        on_stand = self.road_left < x < self.road_right or rng.random() < 0.5  # on the road: a stand
+        self.add(
+            z,
+            _bind(
+                self.sign, x, z, "roadwork", float(rng.uniform(0.8, 1.2)), 1.0 if on_stand else 2.2, on_stand
+            ),
+        )
 
     def _rw_workers(self, spot: tuple[float, float] | None) -> None:
         rng = self.rng
@@ -609,8 +693,16 @@ class _Painter:
             self.add(z + length / 2, _bind(self.digger, x + float(rng.uniform(-1, 1)), z + length / 2))
         for _ in range(int(rng.integers(0, 3))):
             zk = z + float(rng.uniform(0.5, length))
-            self.add(zk, _bind(self.person, x + float(rng.uniform(-w / 2, w / 2)), zk,
-                               HIVIS[int(rng.integers(len(HIVIS)))], True))
+            self.add(
+                zk,
+                _bind(
+                    self.person,
+                    x + float(rng.uniform(-w / 2, w / 2)),
+                    zk,
+                    HIVIS[int(rng.integers(len(HIVIS)))],
+                    True,
+                ),
+            )
 
     def _rw_fence(self, spot: tuple[float, float] | None) -> None:
         rng = self.rng
@@ -644,8 +736,10 @@ class _Painter:
         h = {"car": 1.45, "suv": 1.75, "van": 2.3, "truck": 3.2}[kind] * s
         d.ellipse([cx - 0.6 * w, cy - 0.1 * s, cx + 0.6 * w, cy + 0.08 * s], fill=(0, 0, 0, 110))
         for side in (-1, 1):
-            d.rectangle([cx + side * 0.38 * w - 0.12 * s, cy - 0.5 * s, cx + side * 0.38 * w + 0.12 * s, cy],
-                        fill=(20, 20, 22))
+            d.rectangle(
+                [cx + side * 0.38 * w - 0.12 * s, cy - 0.5 * s, cx + side * 0.38 * w + 0.12 * s, cy],
+                fill=(20, 20, 22),
+            )
         dark = _shade(colour, 0.7)
         if kind in ("van", "truck"):
             d.rectangle([cx - w / 2, cy - h, cx + w / 2, cy - 0.3 * s], fill=colour, outline=dark)
@@ -655,16 +749,39 @@ class _Painter:
                 d.rectangle([cx - 0.4 * w, cy - h * 0.92, cx + 0.4 * w, cy - h * 0.62], fill=(45, 55, 65))
         else:
             body_top = 0.62 * h
-            d.rounded_rectangle([cx - w / 2, cy - body_top, cx + w / 2, cy - 0.3 * s], radius=0.1 * s, fill=colour)
-            d.polygon([(cx - 0.46 * w, cy - body_top), (cx + 0.46 * w, cy - body_top),
-                       (cx + 0.36 * w, cy - h), (cx - 0.36 * w, cy - h)], fill=colour)
-            d.polygon([(cx - 0.4 * w, cy - body_top - 0.04 * h), (cx + 0.4 * w, cy - body_top - 0.04 * h),
-                       (cx + 0.33 * w, cy - 0.95 * h), (cx - 0.33 * w, cy - 0.95 * h)], fill=(40, 48, 58))
+            d.rounded_rectangle(
+                [cx - w / 2, cy - body_top, cx + w / 2, cy - 0.3 * s], radius=0.1 * s, fill=colour
+            )
+            d.polygon(
+                [
+                    (cx - 0.46 * w, cy - body_top),
+                    (cx + 0.46 * w, cy - body_top),
+                    (cx + 0.36 * w, cy - h),
+                    (cx - 0.36 * w, cy - h),
+                ],
+                fill=colour,
+            )
+            d.polygon(
+                [
+                    (cx - 0.4 * w, cy - body_top - 0.04 * h),
+                    (cx + 0.4 * w, cy - body_top - 0.04 * h),
+                    (cx + 0.33 * w, cy - 0.95 * h),
+                    (cx - 0.33 * w, cy - 0.95 * h),
+                ],
+                fill=(40, 48, 58),
+            )
         lamp = (230, 30, 30) if rng.random() < 0.85 else (250, 240, 200)
         for side in (-1, 1):
             lx = cx + side * 0.4 * w
-            d.rectangle([lx - 0.1 * w, cy - 0.52 * h if kind == "car" else cy - 0.9 * s,
-                         lx + 0.1 * w, cy - 0.45 * h if kind == "car" else cy - 0.75 * s], fill=lamp)
+            d.rectangle(
+                [
+                    lx - 0.1 * w,
+                    cy - 0.52 * h if kind == "car" else cy - 0.9 * s,
+                    lx + 0.1 * w,
+                    cy - 0.45 * h if kind == "car" else cy - 0.75 * s,
+                ],
+                fill=lamp,
+            )
         d.rectangle([cx - 0.26 * s, cy - 0.62 * s, cx + 0.26 * s, cy - 0.5 * s], fill=(240, 240, 240))
         d.rectangle([cx - w / 2, cy - 0.42 * s, cx + w / 2, cy - 0.3 * s], fill=_shade(dark, 0.6))
 
@@ -673,15 +790,22 @@ class _Painter:
         s = cam.scale(z)
         h = float(rng.uniform(1.6, 1.9)) * s
         bx, by = cam.pt(x, 0.15 if not self.road_left < x < self.road_right else 0.0, z)
-        trousers = CLOTHES[int(rng.integers(2))] if not worker else (
-            (40, 40, 60) if rng.random() < 0.6 else shirt)
+        trousers = (
+            CLOTHES[int(rng.integers(2))] if not worker else ((40, 40, 60) if rng.random() < 0.6 else shirt)
+        )
         skin = SKIN[int(rng.integers(len(SKIN)))]
         leg_w = 0.075 * h
         stride = float(rng.uniform(-0.05, 0.05)) * h
         for side in (-1, 1):
-            d.polygon([(bx + side * 0.02 * h, by - 0.48 * h), (bx + side * (0.02 * h + leg_w), by - 0.48 * h),
-                       (bx + side * (0.02 * h + leg_w) + side * stride, by),
-                       (bx + side * 0.02 * h + side * stride, by)], fill=trousers)
+            d.polygon(
+                [
+                    (bx + side * 0.02 * h, by - 0.48 * h),
+                    (bx + side * (0.02 * h + leg_w), by - 0.48 * h),
+                    (bx + side * (0.02 * h + leg_w) + side * stride, by),
+                    (bx + side * 0.02 * h + side * stride, by),
+                ],
+                fill=trousers,
+            )
         torso = [bx - 0.14 * h, by - 0.82 * h, bx + 0.14 * h, by - 0.46 * h]
         arm = _shade(shirt, 0.85) if not worker else _jitter(rng, (60, 60, 70), 10)
         d.rectangle([torso[0] - 0.06 * h, torso[1] + 0.02 * h, torso[0], by - 0.5 * h], fill=arm)
@@ -716,7 +840,11 @@ class _Painter:
             d.rectangle([cx - 0.03 * s, cy, cx + 0.03 * s, by], fill=(150, 152, 156))
         if kind in ("roadwork", "warning", "give_way"):
             up = -1 if kind == "give_way" else 1
-            tri = [(cx, cy - up * 0.577 * a), (cx - a / 2, cy + up * 0.289 * a), (cx + a / 2, cy + up * 0.289 * a)]
+            tri = [
+                (cx, cy - up * 0.577 * a),
+                (cx - a / 2, cy + up * 0.289 * a),
+                (cx + a / 2, cy + up * 0.289 * a),
+            ]
             inner = [(cx + (px - cx) * 0.72, cy + (py - cy) * 0.72) for px, py in tri]
             fill = (250, 205, 20) if kind == "roadwork" and rng.random() < 0.35 else (245, 245, 242)
             d.polygon(tri, fill=RED)
@@ -734,31 +862,54 @@ class _Painter:
                 d.ellipse([cx - 0.38 * a, cy - 0.38 * a, cx + 0.38 * a, cy + 0.38 * a], fill=(245, 245, 242))
                 if a >= 12:
                     font = _font(max(6, int(0.42 * a)))
-                    d.text((cx, cy), str(rng.choice(["30", "50", "60", "20", "70"])), fill=(15, 15, 15),
-                           font=font, anchor="mm")
+                    d.text(
+                        (cx, cy),
+                        str(rng.choice(["30", "50", "60", "20", "70"])),
+                        fill=(15, 15, 15),
+                        font=font,
+                        anchor="mm",
+                    )
             else:
                 d.ellipse(box, fill=(20, 70, 170))
-                d.line([(cx, cy + 0.3 * a), (cx, cy - 0.25 * a)], fill=(245, 245, 245), width=max(1, int(0.1 * a)))
-                d.polygon([(cx - 0.15 * a, cy - 0.15 * a), (cx + 0.15 * a, cy - 0.15 * a), (cx, cy - 0.33 * a)],
-                          fill=(245, 245, 245))
+                d.line(
+                    [(cx, cy + 0.3 * a), (cx, cy - 0.25 * a)],
+                    fill=(245, 245, 245),
+                    width=max(1, int(0.1 * a)),
+                )
+                d.polygon(
+                    [(cx - 0.15 * a, cy - 0.15 * a), (cx + 0.15 * a, cy - 0.15 * a), (cx, cy - 0.33 * a)],
+                    fill=(245, 245, 245),
+                )
         elif kind == "parking":
             d.rectangle([cx - a / 2, cy - a / 2, cx + a / 2, cy + a / 2], fill=(20, 70, 170))
             if a >= 12:
                 d.text((cx, cy), "P", fill=(245, 245, 245), font=_font(max(6, int(0.7 * a))), anchor="mm")
         elif kind == "stop":
-            pts = [(cx + a / 2 * math.cos(math.pi / 8 + k * math.pi / 4), cy + a / 2 * math.sin(math.pi / 8 + k * math.pi / 4))
-                   for k in range(8)]
+            pts = [
+                (
+                    cx + a / 2 * math.cos(math.pi / 8 + k * math.pi / 4),
+                    cy + a / 2 * math.sin(math.pi / 8 + k * math.pi / 4),
+                )
+                for k in range(8)
+            ]
             d.polygon(pts, fill=RED)
             if a >= 16:
                 d.text((cx, cy), "STOP", fill=(245, 245, 245), font=_font(max(6, int(0.26 * a))), anchor="mm")
         elif kind == "priority":
-            d.polygon([(cx, cy - a / 2), (cx + a / 2, cy), (cx, cy + a / 2), (cx - a / 2, cy)], fill=(245, 245, 242))
-            d.polygon([(cx, cy - a / 3), (cx + a / 3, cy), (cx, cy + a / 3), (cx - a / 3, cy)], fill=(245, 190, 0))
+            d.polygon(
+                [(cx, cy - a / 2), (cx + a / 2, cy), (cx, cy + a / 2), (cx - a / 2, cy)], fill=(245, 245, 242)
+            )
+            d.polygon(
+                [(cx, cy - a / 3), (cx + a / 3, cy), (cx, cy + a / 3), (cx - a / 3, cy)], fill=(245, 190, 0)
+            )
 
     def _worker_pictogram(self, cx: float, cy: float, a: float, lw: int) -> None:
         """The man-digging figure of the European roadwork sign, drawn in the triangle's inner area."""
         d, k = self.draw, (15, 15, 15)
-        d.polygon([(cx + 0.02 * a, cy + 0.17 * a), (cx + 0.24 * a, cy + 0.17 * a), (cx + 0.16 * a, cy + 0.07 * a)], fill=k)
+        d.polygon(
+            [(cx + 0.02 * a, cy + 0.17 * a), (cx + 0.24 * a, cy + 0.17 * a), (cx + 0.16 * a, cy + 0.07 * a)],
+            fill=k,
+        )
         d.ellipse([cx - 0.12 * a, cy - 0.2 * a, cx - 0.04 * a, cy - 0.12 * a], fill=k)
         d.line([(cx - 0.1 * a, cy - 0.1 * a), (cx - 0.02 * a, cy + 0.04 * a)], fill=k, width=lw + 1)
         d.line([(cx - 0.02 * a, cy + 0.04 * a), (cx - 0.09 * a, cy + 0.17 * a)], fill=k, width=lw)
@@ -778,13 +929,29 @@ class _Painter:
         d.ellipse([bx - 0.3 * s, by - 0.05 * s, bx + 0.3 * s, by + 0.04 * s], fill=(0, 0, 0, 90))
         d.rectangle([bx - 0.22 * s, by - 0.05 * s, bx + 0.22 * s, by], fill=(35, 35, 35))
         top = by - h
-        d.polygon([(bx - base_hw, by - 0.05 * s), (bx + base_hw, by - 0.05 * s), (bx + top_hw, top), (bx - top_hw, top)],
-                  fill=colour)
-        d.polygon([(bx + 0.35 * base_hw, by - 0.05 * s), (bx + base_hw, by - 0.05 * s), (bx + top_hw, top),
-                   (bx + 0.35 * top_hw, top)], fill=_shade(colour, 0.82))
+        d.polygon(
+            [
+                (bx - base_hw, by - 0.05 * s),
+                (bx + base_hw, by - 0.05 * s),
+                (bx + top_hw, top),
+                (bx - top_hw, top),
+            ],
+            fill=colour,
+        )
+        d.polygon(
+            [
+                (bx + 0.35 * base_hw, by - 0.05 * s),
+                (bx + base_hw, by - 0.05 * s),
+                (bx + top_hw, top),
+                (bx + 0.35 * top_hw, top),
+            ],
+            fill=_shade(colour, 0.82),
+        )
         for t0, t1 in ((0.32, 0.47), (0.6, 0.7))[: int(rng.integers(1, 3))]:
             y0, y1 = by - 0.05 * s - t0 * (h - 0.05 * s), by - 0.05 * s - t1 * (h - 0.05 * s)
-            d.polygon([(bx - hw(t0), y0), (bx + hw(t0), y0), (bx + hw(t1), y1), (bx - hw(t1), y1)], fill=WHITE)
+            d.polygon(
+                [(bx - hw(t0), y0), (bx + hw(t0), y0), (bx + hw(t1), y1), (bx - hw(t1), y1)], fill=WHITE
+            )
 
     def barricade(self, x: float, z: float, width: float, colours: tuple[RGB, RGB]) -> None:
         cam, rng, d = self.cam, self.rng, self.draw
@@ -804,8 +971,10 @@ class _Painter:
             board = _stripes((bw, bh), period=0.16 * s, colours=colours, slope=slope)
             self.image.paste(board, (int(round(bx - w / 2)), int(round(by - y1 * s))))
         if rng.random() < 0.5:  # warning lamp
-            d.ellipse([bx - 0.42 * w - 0.08 * s, by - 1.15 * s, bx - 0.42 * w + 0.08 * s, by - 0.99 * s],
-                      fill=(255, 190, 30))
+            d.ellipse(
+                [bx - 0.42 * w - 0.08 * s, by - 1.15 * s, bx - 0.42 * w + 0.08 * s, by - 0.99 * s],
+                fill=(255, 190, 30),
+            )
 
     def barrier_block(self, x: float, z: float, colour: RGB, along: bool) -> None:
         cam, d = self.cam, self.draw
@@ -827,7 +996,11 @@ class _Painter:
         lw = max(1, int(0.05 * s))
         for zz in np.arange(z, z + 3.41, 0.3 if netting else 0.2):
             if cam.scale(zz) * 0.2 >= 3:
-                d.line([cam.pt(x, 0.2, zz), cam.pt(x, 2.0, zz)], fill=frame if not netting else (200, 90, 10), width=1)
+                d.line(
+                    [cam.pt(x, 0.2, zz), cam.pt(x, 2.0, zz)],
+                    fill=frame if not netting else (200, 90, 10),
+                    width=1,
+                )
         for yy in (0.2, 2.0):
             d.line([cam.pt(x, yy, z), cam.pt(x, yy, z + 3.4)], fill=frame, width=lw)
         if not netting:  # site banner along the bottom of the panel
@@ -855,8 +1028,10 @@ class _Painter:
         lw = max(1, int(0.35 * s))
         d.line([(bx + flip * 0.6 * s, by - 2.0 * s), elbow], fill=yellow, width=lw)
         d.line([elbow, bucket], fill=_shade(yellow, 0.9), width=max(1, int(0.25 * s)))
-        d.polygon([bucket, (bucket[0] + flip * 0.6 * s, bucket[1] + 0.2 * s), (bucket[0], bucket[1] + 0.6 * s)],
-                  fill=(60, 60, 60))
+        d.polygon(
+            [bucket, (bucket[0] + flip * 0.6 * s, bucket[1] + 0.2 * s), (bucket[0], bucket[1] + 0.6 * s)],
+            fill=(60, 60, 60),
+        )
 
     def patch(self, x0: float, x1: float, z0: float, z1: float, colour: RGB) -> None:
         cam, rng, d = self.cam, self.rng, self.draw
@@ -865,17 +1040,21 @@ class _Painter:
             xx, zz = float(rng.uniform(x0, x1)), float(rng.uniform(z0, z1))
             r = 0.15 * cam.scale(zz)
             px, py = cam.pt(xx, 0.0, zz)
-            d.ellipse([px - r, py - r * 0.4, px + r, py + r * 0.4], fill=_shade(colour, float(rng.uniform(0.6, 1.2))))
+            d.ellipse(
+                [px - r, py - r * 0.4, px + r, py + r * 0.4],
+                fill=_shade(colour, float(rng.uniform(0.6, 1.2))),
+            )
 
     def bin(self, x: float, z: float, colour: RGB) -> None:
         """A street litter bin on a post (orange or yellow, like many city bins)."""
         d, s = self.draw, self.cam.scale(z)
         bx, by = self.cam.pt(x, 0.15, z)
         d.rectangle([bx - 0.04 * s, by - 0.9 * s, bx + 0.04 * s, by], fill=(70, 72, 75))
-        d.rounded_rectangle([bx - 0.2 * s, by - 1.0 * s, bx + 0.2 * s, by - 0.45 * s], radius=0.08 * s, fill=colour)
+        d.rounded_rectangle(
+            [bx - 0.2 * s, by - 1.0 * s, bx + 0.2 * s, by - 0.45 * s], radius=0.08 * s, fill=colour
+        )
         d.chord([bx - 0.2 * s, by - 1.08 * s, bx + 0.2 * s, by - 0.92 * s], 180, 360, fill=(50, 50, 52))
         d.rectangle([bx - 0.12 * s, by - 0.9 * s, bx + 0.12 * s, by - 0.86 * s], fill=(30, 30, 30))
-
 
     # -- the camera ---------------------------------------------------------------------------------------
 
@@ -885,8 +1064,12 @@ class _Painter:
         Lookup tables, one resize and int16 maths: this is the hot loop of dataset generation.
         """
         rng = self.rng
-        tint = {"day": (1.0, 1.0, 1.02), "clear": (1.03, 1.0, 0.97), "overcast": (0.97, 0.99, 1.03),
-                "dusk": (0.84, 0.72, 0.68)}[self.sky]
+        tint = {
+            "day": (1.0, 1.0, 1.02),
+            "clear": (1.03, 1.0, 0.97),
+            "overcast": (0.97, 0.99, 1.03),
+            "dusk": (0.84, 0.72, 0.68),
+        }[self.sky]
         exposure = float(rng.uniform(0.75, 1.15))
         contrast = float(rng.uniform(0.8, 1.15))
         v = np.arange(256, dtype=np.float32)
@@ -970,7 +1153,9 @@ def _encode(image: Image.Image, spec: _ImageSpec) -> bytes:
     elif spec.orientation != 1:
         exif = Image.Exif()
         exif[_EXIF_ORIENTATION] = spec.orientation
-        image.transpose(_STORE_TRANSPOSE[spec.orientation]).save(buf, "JPEG", quality=_JPEG_QUALITY, exif=exif)
+        image.transpose(_STORE_TRANSPOSE[spec.orientation]).save(
+            buf, "JPEG", quality=_JPEG_QUALITY, exif=exif
+        )
     else:
         image.save(buf, "JPEG", quality=_JPEG_QUALITY)
     return buf.getvalue()
@@ -987,7 +1172,9 @@ def _remove_stale_images(out_dir: Path, keep: set[str]) -> None:
                 path.unlink()
 
 
-def generate_demo_dataset(out_dir: str | Path, config: DemoConfig = DemoConfig(), *, progress: bool = False) -> dict:
+def generate_demo_dataset(
+    out_dir: str | Path, config: DemoConfig = DemoConfig(), *, progress: bool = False
+) -> dict:
     """Write the demo dataset under out_dir and return its manifest (also written as demo.json).
 
     Layout: roadwork/img_NNNNN.{jpg,png}, no_roadwork/img_NNNNN.{jpg,png}, labels.csv (`image_path,label`,
@@ -1000,8 +1187,6 @@ def generate_demo_dataset(out_dir: str | Path, config: DemoConfig = DemoConfig()
     _remove_stale_images(out_dir, {spec.relpath for spec in specs})
     iterator: Any = specs
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(specs, desc="demo images", unit="img")
     for spec in iterator:
         atomic_write_bytes(out_dir / spec.relpath, _encode(_render_spec(config, spec), spec))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader, Dataset
 
 from .backbone import (
@@ -165,11 +166,15 @@ class FeatureStore:
         for i, sid in enumerate(sample_ids):
             shard, row = self.index[sid]
             out[i] = self._map(shard)[row]
+        if not np.isfinite(out).all():  # write_shard refuses them, so a shard was damaged or replaced
+            bad = sorted({self.index[sample_ids[i]][0] for i in np.flatnonzero(~np.isfinite(out).all(axis=1))})
+            raise ValueError(f"NaN/inf features in shard(s) {bad} of {self.root}; delete those shards "
+                             "(.npy and .json) and extract again")
         return out
 
     def _map(self, shard: str) -> np.ndarray:
         if shard not in self._maps:
-            self._maps[shard] = np.load(self.root / "shards" / f"{shard}.npy", mmap_mode="r")
+            self._maps[shard] = np.load(self.root / "shards" / f"{shard}.npy", mmap_mode="r", allow_pickle=False)
         return self._maps[shard]
 
     def verify(self) -> list[str]:
@@ -256,21 +261,31 @@ def extract_features(
     pre = preprocessing_spec(model, spec, config)
     key = store_key(spec, pre, config.precision)
     root = feature_store_dir(key, store_root)
-    store = FeatureStore.create(
-        root,
-        {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
-         "precision": config.precision, "dim": feature_dim(model, spec.pooling)},
-    )
+    meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
+            "precision": config.precision, "dim": feature_dim(model, spec.pooling)}
+    FeatureStore.create(root, meta)
     by_id = {s.sample_id: s for s in samples}
     ids = sorted(by_id)
-    todo = [by_id[sid] for sid in store.missing(ids)]
     started = time.perf_counter()
     failed: list[dict[str, str]] = []
-    if todo:
-        say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {spec.name} into {root}")
-        failed = _embed_into(store, model, todo, pre, spec.pooling, config, progress=progress)
-    else:
-        del model
+    # One writer per store at a time: a second run (another flow run on the same home) waits, then
+    # re-reads the index and embeds only what the first did not. The OS drops the lock if its holder dies.
+    lock = FileLock(str(root / "store.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"another process is writing the feature store {root}; waiting for it")
+        lock.acquire()
+    try:
+        store = FeatureStore(root)
+        todo = [by_id[sid] for sid in store.missing(ids)]
+        if todo:
+            say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {spec.name} into {root}")
+            failed = _embed_into(store, model, todo, pre, spec.pooling, config, progress=progress)
+        else:
+            del model
+    finally:
+        lock.release()
     seconds = time.perf_counter() - started
     rate = (len(todo) - len(failed)) / seconds if todo and seconds > 0 else 0.0
     if todo:

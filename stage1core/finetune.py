@@ -238,7 +238,13 @@ class FinetuneResult:
 
 
 class AdaptedClassifier(nn.Module):
-    """Backbone with adapters (a peft model), pooled as configured, then the head."""
+    """Backbone with adapters (a peft model), pooled as configured, then the head.
+
+    The pooled features pass through fp16 before the head, as in the feature store and the bundle's
+    Predictor, so a bundle reproduces the training-time outputs (a head standardises by the features'
+    std, and near-constant feature dimensions turn fp16 rounding into large input changes). The
+    rounding is straight-through: its gradient is the identity.
+    """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, pooling: str):
         super().__init__()
@@ -247,7 +253,8 @@ class AdaptedClassifier(nn.Module):
         self.pooling = pooling
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        return embed(self.backbone.get_base_model(), images, self.pooling)
+        feats = embed(self.backbone.get_base_model(), images, self.pooling).float()
+        return feats + (feats.half().float() - feats).detach()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
@@ -854,6 +861,51 @@ def attach_bundle_adapters(model: nn.Module, bundle_dir: str | Path, manifest: d
     for param in out.parameters():
         param.requires_grad_(False)
     return out
+
+
+def extract_adapted_features(samples: Sequence[Sample], finetune_out_dir: str | Path,
+                             config: FeatureConfig = FeatureConfig(), *, store_root: str | Path | None = None,
+                             progress: bool = False):
+    """Features of the fine-tuned backbone (adapters merged) in the feature store, so that the shared
+    pipeline (calibrate_threshold, evaluate_test, export_bundle) runs on them with the head of
+    `finetune_out_dir` unchanged. The store key adds the adapter weights' sha256 to the frozen key; the
+    store's `backbone` stays the original spec (what a bundle's backbone.json names). Features pass
+    through fp16 as in training, so head outputs equal the training-time ones. Use
+    `FeatureConfig(precision=<the run's precision>)`. Returns a `features.FeatureSetInfo`.
+    """
+    from safetensors.torch import load_file
+
+    from .features import FeatureSetInfo, FeatureStore, _embed_into, feature_store_dir, store_key
+    from .fingerprint import sha256_file
+
+    directory = Path(finetune_out_dir)
+    meta = _read_adapter_meta(directory)
+    spec = BackboneSpec.from_json(meta["backbone"])
+    peft_model = apply_adapters(build_backbone(spec, verify=True), AdapterConfig(**meta["adapter"]))
+    load_adapter_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    model = merge_adapters(peft_model).eval()
+    pre = preprocessing_spec(model, spec, config)
+    adapter_sha = sha256_file(directory / ADAPTER_WEIGHTS)
+    key = fingerprint("adapted-feature-store", store_key(spec, pre, config.precision), adapter_sha)
+    root = feature_store_dir(key, store_root)
+    store = FeatureStore.create(root, {
+        "format": 1, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
+        "precision": config.precision, "dim": feature_dim(model, spec.pooling), "adapter_sha256": adapter_sha,
+        "adapter": meta["adapter"],
+    })
+    by_id = {s.sample_id: s for s in samples}
+    ids = sorted(by_id)
+    todo = [by_id[sid] for sid in store.missing(ids)]
+    started = time.perf_counter()
+    failed = _embed_into(store, model, todo, pre, spec.pooling, config, progress=progress) if todo else []
+    seconds = time.perf_counter() - started
+    failed_ids = {f["sample_id"] for f in failed}
+    covered = [sid for sid in ids if sid not in failed_ids]
+    return FeatureSetInfo(
+        store_dir=str(root), store_key=key, dim=store.dim, fingerprint=fingerprint(key, covered),
+        n_samples=len(covered), n_computed=len(todo) - len(failed), seconds=seconds,
+        images_per_second=(len(todo) - len(failed)) / seconds if todo and seconds > 0 else 0.0, failed=failed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

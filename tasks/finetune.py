@@ -33,6 +33,7 @@ from stage1core.finetune import (
     RESULT,
     FinetuneConfig,
     FinetuneResult,
+    extract_adapted_features,
     write_launch_config,
 )
 from stage1core.fingerprint import fingerprint
@@ -243,3 +244,37 @@ def fit_backbone(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, fi
 def result_of(ref: FinetuneRef) -> dict[str, Any]:
     """The full result JSON (history, val predictions) behind a reference."""
     return json.loads(Path(ref.result_path).read_text())
+
+
+ADAPTED_CACHE = OutputCache(
+    "extract_adapted_features",
+    lambda p: (p["split"].fingerprint, p["finetune"].fingerprint, p["precision"]),
+)
+
+
+@task(name="extract_adapted_features", cache_key_fn=ADAPTED_CACHE, persist_result=True, tags=["features"])
+def extract_adapted_features_task(split: SplitRef, finetune: FinetuneRef, precision: str):
+    """Calib and test features of the fine-tuned backbone, so calibration, evaluation and export are the
+    same tasks as for a frozen backbone."""
+    from stage1core.features import FeatureConfig
+    from stage1core.splits import read_split_manifest
+
+    _, parts, _ = read_split_manifest(split.path)
+    samples = [s for name in ("calib", "test") for s in parts[name]]
+    info = extract_adapted_features(samples, finetune.path, FeatureConfig(precision=precision, num_workers=0))
+    ADAPTED_CACHE.remember({"split": split, "finetune": finetune, "precision": precision}, [info.store_dir])
+    return info
+
+
+def head_ref_of(ref: FinetuneRef):
+    """The fine-tuned head as the HeadRef the shared tasks take."""
+    from stage1core.fingerprint import sha256_file
+
+    from .pipeline import HeadRef
+
+    result = result_of(ref)
+    head_dir = Path(ref.path)
+    return HeadRef(path=ref.path, fingerprint=ref.fingerprint,
+                   weights_sha256=sha256_file(head_dir / "head.safetensors"),
+                   in_dim=int(json.loads((head_dir / "head.json").read_text())["in_dim"]),
+                   best_epoch=int(result["best_epoch"]), epochs_run=int(result["epochs_run"]))

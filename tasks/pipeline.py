@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 
 from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
 from stage1core.bundle import BundleInfo
@@ -18,13 +21,14 @@ from stage1core.bundle import export_bundle as write_bundle
 from stage1core.evaluation import evaluate_policy
 from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore
 from stage1core.features import extract_features as embed_samples
+from stage1core.finetune import export_adapter_files
 from stage1core.fingerprint import fingerprint, sha256_file
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.home import home_path
 from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
 from stage1core.sources import DataError, SourceConfig, load_sources
-from stage1core.splits import SplitConfig, make_splits, read_split_manifest, write_split_manifest
+from stage1core.splits import SplitConfig, make_splits, read_split_manifest, split_counts, write_split_manifest
 from stage1core.storage import atomic_write_json
 from stage1core.train import TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
@@ -41,6 +45,8 @@ class SplitRef:
     n_samples: int
     duplicates: int
     quarantined: int
+    # the run fails when more than this fraction of all rows is quarantined (unreadable or undecodable)
+    max_quarantined_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,55 @@ class EvalRef:
     metrics: dict[str, float]
 
 
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called as .fn() outside a flow run, e.g. in tests
+        return logging.getLogger(__name__)
+
+
+def check_splits_usable(counts: dict[str, dict[str, int]], *, where: str) -> None:
+    """Every split needs both classes: train and val to fit the head, calib for the threshold and
+    calibrators, test for MCC/AUROC. Raises DataError naming the split and its counts."""
+    for name, c in counts.items():
+        if c.get("total", 0) == 0:
+            raise DataError(f"{where}: split {name!r} is empty; add images or raise SplitConfig.{name}")
+        for label, word in (("1", "roadwork"), ("0", "no_roadwork")):
+            if c.get(label, 0) == 0:
+                raise DataError(f"{where}: split {name!r} has no {word} images ({c.get('0', 0)} no_roadwork, "
+                                f"{c.get('1', 0)} roadwork); every split needs both classes: add images or "
+                                f"change the split ratios or salt")
+
+
+def _quarantine_row(locator: str, source: str, sources: list[dict[str, Any]]) -> int | None:
+    """The row of a label file or parquet shard that names `locator` (None for class folders)."""
+    from stage1core.sources import PARQUET_ROW_MARK, parse_csv_labels, parse_json_labels
+
+    path, mark, row = locator.rpartition(PARQUET_ROW_MARK)
+    if mark and row.isdigit():
+        return int(row)
+    for config in sources:
+        cfg = SourceConfig(**config)
+        label_file = Path(cfg.path).expanduser().absolute()
+        if cfg.name != source or label_file.suffix.lower() not in (".csv", ".json") or not label_file.is_file():
+            continue
+        parse = parse_csv_labels if label_file.suffix.lower() == ".csv" else parse_json_labels
+        try:
+            rows = parse(label_file.read_text(encoding="utf-8-sig"), origin=str(label_file))
+        except (OSError, ValueError):
+            return None
+        for r in rows:
+            if os.path.abspath(label_file.parent / r.path) == locator:
+                return r.row
+    return None
+
+
+def write_quarantine_report(entries: list[dict[str, Any]], key: str) -> Path:
+    report = home_path("reports") / f"quarantine-{key[:16]}.json"
+    atomic_write_json(report, entries)
+    return report
+
+
 @task(name="build_splits")
 def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
                  max_quarantined_fraction: float = 0.01) -> SplitRef:
@@ -67,11 +122,10 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
 
     Not cached: new images must be seen. Cheap next to embedding.
     """
-    logger = get_run_logger()
+    logger = _logger()
     scan = load_sources(sources)
     if scan.quarantined:
-        report = home_path("reports") / f"quarantine-{scan.fingerprint()[:16]}.json"
-        atomic_write_json(report, scan.quarantined)
+        report = write_quarantine_report([{**q, "stage": "scan"} for q in scan.quarantined], scan.fingerprint())
         logger.warning("%d images quarantined (listed in %s)", len(scan.quarantined), report)
         if scan.quarantined_fraction > max_quarantined_fraction:
             raise DataError(
@@ -89,7 +143,8 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
     logger.info("%d unique images (%d duplicates collapsed): %s", len(scan.samples), scan.duplicates,
                 json.dumps(manifest["counts"]))
     return SplitRef(path=str(path), fingerprint=split_fp, data_fingerprint=data_fp, counts=manifest["counts"],
-                    n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=len(scan.quarantined))
+                    n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=len(scan.quarantined),
+                    max_quarantined_fraction=max_quarantined_fraction)
 
 
 FEATURES_CACHE = OutputCache(
@@ -101,13 +156,35 @@ FEATURES_CACHE = OutputCache(
 
 @task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features"])
 def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
-    """Embed every image of the split manifest that is not yet in the feature store."""
-    logger = get_run_logger()
-    _, parts, _ = read_split_manifest(split.path)
+    """Embed every image of the split manifest that is not yet in the feature store.
+
+    Images that cannot be decoded are quarantined: listed with file, source row and reason in a report
+    under $STAGE1_HOME/reports, and left out of every split. The run goes on unless the quarantined
+    fraction (scan + decode) exceeds `split.max_quarantined_fraction` or a split loses a class; then it
+    fails, and the features already computed stay in the store for the next run.
+    """
+    logger = _logger()
+    _, parts, manifest = read_split_manifest(split.path)
+    check_splits_usable(split_counts(parts), where=split.path)  # before any image is embedded
     samples = [s for rows in parts.values() for s in rows]
     info = embed_samples(samples, backbone, features, log_fn=logger.info)
     if info.failed:
-        logger.warning("%d images failed to decode and have no features: %s", len(info.failed), info.failed[:3])
+        by_id = {s.sample_id: s for s in samples}
+        sources = manifest.get("extra", {}).get("sources", [])
+        entries = [{"locator": f["locator"], "source": by_id[f["sample_id"]].source,
+                    "row": _quarantine_row(f["locator"], by_id[f["sample_id"]].source, sources),
+                    "reason": f["reason"], "sample_id": f["sample_id"], "stage": "decode"} for f in info.failed]
+        report = write_quarantine_report(entries, fingerprint(split.fingerprint, info.store_key))
+        logger.warning("%d images could not be decoded and are quarantined (listed in %s)", len(entries), report)
+        total = split.n_samples + split.duplicates + split.quarantined
+        fraction = (split.quarantined + len(entries)) / total if total else 0.0
+        if fraction > split.max_quarantined_fraction:
+            raise DataError(f"{fraction:.1%} of the images could not be used ({split.quarantined} unreadable, "
+                            f"{len(entries)} undecodable; limit {split.max_quarantined_fraction:.1%}); see "
+                            f"{report}. Features computed so far are kept for the next run.")
+        failed = {f["sample_id"] for f in info.failed}
+        remaining = {name: [s for s in rows if s.sample_id not in failed] for name, rows in parts.items()}
+        check_splits_usable(split_counts(remaining), where=f"{split.path} after quarantining undecodable images")
     FEATURES_CACHE.remember({"split": split, "backbone": backbone, "features": features}, [info.store_dir])
     return info
 
@@ -194,10 +271,9 @@ def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
     fp = fingerprint("evaluation", split.fingerprint, feats.fingerprint, head.fingerprint, policy_files)
     eval_dir = home_path("evaluations", fp[:24])
     _, calib_out, calib_y = _outputs(split, feats, head, "calib")
-    metrics = evaluate_policy(
-        FittedPolicy.from_files(policy_files), out, y, eval_dir, calib_logits=calib_out["logits"], calib_y=calib_y,
-    )
-    applied = FittedPolicy.from_files(policy_files).apply(out["logits"], out.get("gate_logit"))
+    fitted = FittedPolicy.from_files(policy_files)
+    metrics = evaluate_policy(fitted, out, y, eval_dir, calib_logits=calib_out["logits"], calib_y=calib_y)
+    applied = fitted.apply(out["logits"], out.get("gate_logit"))
     atomic_write_json(eval_dir / "test_predictions.json", {
         "sample_ids": ids, "labels": y.tolist(), "p_roadwork": applied["p"].tolist(),
         "p_roadwork_raw": applied["p_raw"].tolist(), "decision": applied["decision"].tolist(),
@@ -276,15 +352,17 @@ EXPORT_CACHE = OutputCache(
     "export_bundle",
     lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
                p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
-               p["head_config"]),
+               p["head_config"], p.get("adapter_dir") is not None, p.get("merge_adapters", False)),
 )
 
 
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
 def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef, head_config: HeadConfig,
                   policy_files: dict[str, dict[str, Any]], evaluation: EvalRef,
-                  backbone: BackboneConfig) -> BundleInfo:
-    """Write the bundle under $STAGE1_HOME/bundles and verify it loads."""
+                  backbone: BackboneConfig, adapter_dir: str | None = None,
+                  merge_adapters: bool = False) -> BundleInfo:
+    """Write the bundle under $STAGE1_HOME/bundles. With `adapter_dir` (a fine-tuning run), the
+    adapters go in beside the head, or folded into backbone.safetensors when `merge_adapters`."""
     store_meta = FeatureStore(feats.store_dir).meta
     spec = BackboneSpec.from_json(store_meta["backbone"])
     preprocessing = {**store_meta["preprocessing"], "precision": store_meta["precision"]}
@@ -300,10 +378,12 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
         files={"plots/fnr_fpr.png": eval_dir / "fnr_fpr.png",
                "plots/reliability.png": eval_dir / "reliability.png",
                "plots/risk_coverage.png": eval_dir / "risk_coverage.png",
-               "test_predictions.json": eval_dir / "test_predictions.json"},
+               "test_predictions.json": eval_dir / "test_predictions.json",
+               **(export_adapter_files(adapter_dir, merge=merge_adapters) if adapter_dir else {})},
     )
     get_run_logger().info("bundle %s", info.path)
     EXPORT_CACHE.remember(
         {"name": name, "split": split, "feats": feats, "head": head, "policy_files": policy_files,
-         "evaluation": evaluation, "backbone": backbone, "head_config": head_config}, [info.path])
+         "evaluation": evaluation, "backbone": backbone, "head_config": head_config, "adapter_dir": adapter_dir,
+         "merge_adapters": merge_adapters}, [info.path])
     return info

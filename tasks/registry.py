@@ -233,8 +233,10 @@ def comparison_markdown(report: dict[str, Any]) -> str:
             + (" and an interval above 0." if report["require_significant"] else "."),
             "",
         ]
-    lines += ["| metric | challenger | champion | difference |", "|---|---|---|---|", rows, "",
-              f"New images embedded in this run: {report['n_embedded']}.", ""]
+    lines += ["| metric | challenger | champion | difference |", "|---|---|---|---|", rows, ""]
+    if comp and comp.get("n_test_champion") is not None:
+        lines += [f"Test images the champion was reported on: {comp['n_test_champion']}; added since: "
+                  f"{comp['n_test'] - comp['n_test_champion']}.", ""]
     return "\n".join(lines)
 
 
@@ -378,6 +380,7 @@ def compare_with_champion(*, model_name: str, challenger_version: str, split_man
             challenger_threshold=float(thresholds["threshold"]), champion=champ_test["p_raw"],
             champion_threshold=refit.threshold, alpha=guarantee.alpha, config=config)
         comp["champion"]["deployed_threshold"] = float(champion_thresholds["threshold"])
+        comp["n_test_champion"] = json.loads((champion_dir / "metrics.json").read_text()).get("n")
         # share of test images each bundle's own policy decides (1.0 for the always-decide threshold policy)
         comp["champion"]["policy_coverage"] = float(np.mean(champ_test["decision"] >= 0))
         comp["challenger"]["policy_coverage"] = (float(np.mean(np.array(preds["decision"]) >= 0))

@@ -30,6 +30,36 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+class ServerUnreachable(RuntimeError):
+    """A tracking or orchestration server named by a setting does not answer; the message names the setting."""
+
+
+def check_server(url: str, *, setting: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, before any expensive work, when the http(s) server behind `setting` does not accept a
+    connection within `timeout_s` (clients would otherwise retry with backoff for minutes).
+    Local stores (sqlite, file paths) are not checked."""
+    import socket
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return
+    host = parsed.hostname or "localhost"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ServerUnreachable(
+            f"{setting}={url} is unreachable ({type(exc).__name__}: {exc}); start the server or point "
+            f"{setting} at a running one (unset it for the embedded default). Nothing was computed."
+        ) from exc
+
+
+def check_tracking_server(timeout_s: float = 3.0) -> None:
+    """Raise ServerUnreachable naming MLFLOW_TRACKING_URI when its http(s) server does not answer."""
+    check_server(mlflow_tracking_uri(), setting="MLFLOW_TRACKING_URI", timeout_s=timeout_s)
+
+
 def _is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("sqlite", "file", "")
 
@@ -57,6 +87,7 @@ def run_url(experiment_id: str, run_id: str) -> str:
 
 @task(name="start_mlflow_run")
 def start_mlflow_run(experiment: str, run_name: str, tags: dict[str, str]) -> dict[str, str]:
+    check_tracking_server()  # the flow's first task: an unreachable server fails before any image is read
     mc = client()
     exp_id = ensure_experiment(experiment)
     run = mc.create_run(exp_id, run_name=run_name, tags=tags)
@@ -115,7 +146,7 @@ def log_results(run_id: str, metrics: dict[str, Any], bundle: BundleInfo) -> Non
         mc.log_artifact(run_id, str(png), artifact_path="plots")
 
 
-def _input_example(bundle_dir: str) -> Any:
+def _input_example() -> Any:
     import io
 
     import pandas as pd
@@ -167,7 +198,7 @@ def register_bundle(run_id: str, bundle: BundleInfo, *, model_name: str, alias: 
                 artifacts={"bundle": bundle.path},
                 code_paths=[str(Path(stage1core.__file__).parent)],
                 signature=signature,
-                input_example=_input_example(bundle.path),
+                input_example=_input_example(),
                 pip_requirements=["torch", "timm", "safetensors", "jsonschema", "pillow", "numpy", "pandas",
                                   "scikit-learn", "scipy", "matplotlib", "pyarrow", "tqdm"],
                 registered_model_name=model_name,

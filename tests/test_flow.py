@@ -191,3 +191,38 @@ def test_parameters_render_as_a_typed_form_and_validate():
 
     with pytest.raises(ParameterTypeError):
         train_pipeline.validate_parameters({"backbone": {"pooling": "max"}})
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_dora_backbone_mode_shares_the_rest_of_the_pipeline(prefect_server, tiny_demo, merge):
+    from flows.train_pipeline import RegistryConfig, train_pipeline
+    from stage1core.bundle import load_bundle, read_manifest
+    from stage1core.finetune import FinetuneConfig
+    from stage1core.heads import HeadConfig
+    from stage1core.peft import AdapterConfig
+    from stage1core.splits import read_split_manifest
+
+    finetune = FinetuneConfig(
+        adapter=AdapterConfig(method="lora", rank=4, alpha=8, last_n_blocks=1), optimizer="fsam", lr=5e-3,
+        head_lr=5e-3, epochs=1, max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=100, num_workers=0,
+    )
+    result = train_pipeline(**params(
+        tiny_demo, head=HeadConfig(kind="mlp", hidden=16), backbone_mode="dora", finetune=finetune,
+        merge_adapters=merge,
+        registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
+                                bundle_name=f"dora-merge-{merge}"),
+    ))
+    manifest = read_manifest(result["bundle_path"])
+    adapter = json.loads((Path(result["bundle_path"]) / "adapter.json").read_text())
+    assert adapter["adapter"]["method"] == "dora"  # the flow's backbone_mode overrides the config's method
+    assert ("backbone.safetensors" in manifest["files"]) == merge
+    assert ("adapter.safetensors" in manifest["files"]) == (not merge)
+    states = task_states(result["flow_run_id"])
+    assert {"fit_backbone", "extract_adapted_features", "calibrate", "evaluate_test", "export_bundle"} <= set(states)
+    assert "fit_head" not in states and "extract_features" not in states
+
+    preds = json.loads((Path(result["bundle_path"]) / "test_predictions.json").read_text())
+    _, splits, _ = read_split_manifest(result["split_manifest"])
+    locator = {s.sample_id: s.locator for s in splits["test"]}
+    p = load_bundle(result["bundle_path"], device="cpu").predict_proba([locator[s] for s in preds["sample_ids"]])
+    np.testing.assert_allclose(p, preds["p_roadwork"], atol=1e-5)

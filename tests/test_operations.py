@@ -263,3 +263,63 @@ def test_model_references():
     assert parse_model_ref("@challenger", "d") == ("d", None, "challenger")
     with pytest.raises(ValueError, match="models:/<name>/<version>"):
         parse_model_ref("models:/m", "d")
+
+
+# deployments/prefect.yaml and `stage1 serve`
+
+def test_every_deployment_loads_and_its_parameters_fit_the_flow():
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from deployments.serve import WORK_POOLS, deployment_specs
+
+    specs = {s["name"]: s for s in deployment_specs()}
+    assert set(specs) == {"train-pipeline", "retrain", "promote", "evaluate-bundle"}
+    for name, spec in specs.items():
+        flow = load_flow_from_entrypoint(spec["entrypoint"])
+        assert flow.name == name
+        params = spec.get("parameters") or {}
+        assert set(params) <= set(inspect.signature(flow.fn).parameters), name
+        required_at_run = {"promote": {"version": "3", "reason": "reviewed in MLflow"}}.get(name, {})
+        validated = flow.validate_parameters({**params, **required_at_run})  # what Prefect does at run start
+        if name == "retrain":
+            assert isinstance(validated["comparison"], ComparisonConfig)
+            assert validated["comparison"].floor == MetricFloor(min_mcc=0.5, min_auroc=0.8)
+            assert validated["sources"][0].kind == "parquet"
+        assert spec["work_pool"]["name"] in WORK_POOLS and "stage1" in spec["tags"]
+        if "gpu" in spec["tags"]:
+            jobs = spec["work_pool"]["job_variables"]
+            assert spec["work_pool"]["name"] == "gpu" and WORK_POOLS["gpu"] == "docker"
+            assert jobs["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert specs["promote"]["work_pool"]["name"] == "cpu" and WORK_POOLS["cpu"] == "process"
+
+
+def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
+    from prefect.events import DeploymentEventTrigger
+
+    from deployments.serve import build_deployments
+
+    deployments = {d.name: d for d in build_deployments()}
+    retrain = deployments["retrain"]
+    assert retrain.schedules[0].schedule.cron == "0 2 * * *"
+    (trigger,) = retrain.triggers
+    assert isinstance(trigger, DeploymentEventTrigger) and trigger.expect == {"stage1.data.landed"}
+    assert "{{ event.id }}" in trigger.parameters["trigger"]
+    assert deployments["train-pipeline"].concurrency_limit == 1
+    assert not deployments["promote"].schedules and not deployments["promote"].triggers
+
+
+def test_ingest_emits_the_data_landed_event(prefect_server, tiny_demo, monkeypatch, capsys):
+    from deployments import cli
+
+    sent = []
+    import prefect.events
+
+    real = prefect.events.emit_event
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw) or real(**kw))
+    assert cli.main(["ingest", str(tiny_demo), "--source-name", "natix", "--note", "batch 7"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["event"] == "stage1.data.landed" and out["resource"] == "stage1.source.natix"
+    assert out["n_files"] >= 120 and sent[0]["payload"]["note"] == "batch 7"
+    assert cli.main(["ingest", str(tiny_demo / "missing")]) == 2

@@ -1,0 +1,52 @@
+"""Every benchmark runs end to end in --quick mode and prints a machine line and a ratio line.
+
+No timing is asserted: the figures of a --quick run mean nothing. The flow benchmark starts Prefect's
+ephemeral server and is marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["extraction_vs_timm_loop", "large_jpeg_decode", "precision_bf16", "incremental", "memory_flat",
+        "head_training", "predictor_latency"]
+
+
+def run_bench(name: str, tmp_path: Path, timeout: int = 600) -> str:
+    env = {**os.environ, "STAGE1_BENCH_DATA": str(tmp_path.parent / "bench-data")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r'^machine: \{.*"cores"', proc.stdout, re.M), proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_bench_quick_mode_prints_machine_and_ratio(name, tmp_path):
+    out = run_bench(name, tmp_path)
+    ratios = re.findall(r"^ratio: .+ = (-?[\d.]+|nan)", out, re.M)
+    assert ratios, out
+
+
+@pytest.mark.slow
+def test_cached_rerun_bench_quick_mode(tmp_path):
+    out = run_bench("cached_rerun", tmp_path)
+    assert re.search(r"^ratio: warm / cold wall time = [\d.]+%", out, re.M), out
+    assert "cold run:" in out and "warm run:" in out
+
+
+def test_gpu_bench_says_plainly_when_there_is_no_cuda(tmp_path):
+    out = run_bench("gpu", tmp_path)
+    import torch
+
+    if torch.cuda.is_available():
+        assert re.search(r"^ratio: fraction of bf16 peak", out, re.M), out
+    else:
+        assert "no CUDA device" in out

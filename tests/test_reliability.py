@@ -1,0 +1,830 @@
+"""Reliability and security: bad inputs, crashes and resume, concurrent writers, bundle integrity and
+safety, unreachable servers, fuzzing. docs/reliability.md maps every fault tried here to its test.
+
+Crash and concurrency tests fork child processes from this one (timm is already imported, so a child
+starts in milliseconds) and kill them with SIGKILL: no Python cleanup, no finally blocks run.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from stage1core.bundle import BundleError, export_bundle, load_bundle, read_manifest
+from stage1core.features import FeatureConfig, FeatureStore, extract_features
+from stage1core.fingerprint import fingerprint, sha256_file
+from stage1core.images import ImageDecodeError, decode_image
+from stage1core.sources import (
+    DataError,
+    SourceConfig,
+    load_sources,
+    parse_csv_labels,
+    parse_json_labels,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = 8  # images per shard in the crash tests: the most a kill may cost
+BATCH = 4  # divides SHARD, so a resumed run batches exactly like an uninterrupted one
+CRASH_CFG = FeatureConfig(batch_size=BATCH, num_workers=0, shard_size=SHARD, device="cpu")
+FORK = multiprocessing.get_context("fork")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def photo(width: int = 48, height: int = 32, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 70-byte PNG whose header claims width x height: a decompression bomb, built without the pixels."""
+    raw = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    at = raw.index(b"IHDR")
+    raw[at + 4:at + 12] = struct.pack(">II", width, height)
+    raw[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(raw[at:at + 17])))
+    return bytes(raw)
+
+
+def exif_rotated(orientation: int = 6) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(photo(48, 32), "JPEG", exif=exif.tobytes(), quality=95)
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------- bad images
+
+GOOD_INPUTS = {
+    # name: (bytes, expected size after decoding)
+    "png_rgba_alpha": (lambda: encode(Image.new("RGBA", (9, 7), (255, 0, 0, 0)), "PNG"), (9, 7)),
+    "palette": (lambda: encode(photo(20, 10).convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), (20, 10)),
+    "png_16bit": (lambda: encode(Image.fromarray(np.full((6, 5), 65535, np.uint16)), "PNG"), (5, 6)),
+    "grayscale": (lambda: encode(photo().convert("L"), "JPEG"), (48, 32)),
+    "cmyk_jpeg": (lambda: encode(photo().convert("CMYK"), "JPEG"), (48, 32)),
+    "exif_rotated": (lambda: exif_rotated(6), (32, 48)),  # orientation 6: stored landscape, shown portrait
+    "one_pixel": (lambda: encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), (1, 1)),
+}
+
+BAD_INPUTS = {
+    # name: (bytes, what the error says)
+    "zero_bytes": (lambda: b"", "empty"),
+    "truncated_jpeg": (lambda: (lambda b: b[: len(b) // 2])(encode(photo(64, 64), "JPEG")), "truncated"),
+    "not_an_image_named_jpg": (lambda: b"<html>a web page saved as .jpg</html>", "not an image"),
+    "bomb_20000x20000": (lambda: png_claiming(20000, 20000), "too large"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_INPUTS))
+def test_odd_but_valid_images_decode_to_8bit_rgb(name, tmp_path):
+    make, size = GOOD_INPUTS[name]
+    path = tmp_path / f"{name}.jpg"  # the suffix lies for some; decoding follows the bytes
+    path.write_bytes(make())
+    image = decode_image(path)
+    assert image.mode == "RGB" and image.size == size
+    if name == "png_rgba_alpha":
+        assert image.getpixel((0, 0)) == (255, 255, 255)  # transparent pixels composited on white
+    if name == "png_16bit":
+        assert image.getpixel((0, 0)) == (255, 255, 255)  # scaled from 65535, not clipped garbage
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_images_raise_image_decode_error(name, tmp_path):
+    make, match = BAD_INPUTS[name]
+    path = tmp_path / f"{name}.jpg"
+    path.write_bytes(make())
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match=match):
+        decode_image(path)
+    assert time.perf_counter() - started < 2.0  # the bomb guard reads the header only
+
+
+# ----------------------------------------------------------------------------------------------- label files
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_duplicate_images_with_conflicting_labels_name_both_files(tmp_path):
+    data = encode(photo(seed=1), "PNG")
+    a = write(tmp_path / "natix" / "roadwork" / "a.png", data)
+    b = write(tmp_path / "natix" / "no_roadwork" / "b.png", data)
+    with pytest.raises(DataError) as err:
+        load_sources([SourceConfig(str(tmp_path / "natix"))])
+    assert str(a) in str(err.value) and str(b) in str(err.value) and "label 1" in str(err.value)
+
+
+def test_missing_files_in_a_label_file_are_quarantined_with_their_row(tmp_path):
+    write(tmp_path / "img" / "ok.png", encode(photo(seed=2), "PNG"))
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("image_path,label\nimg/ok.png,1\nimg/gone.png,0\n")
+    scan = load_sources([SourceConfig(str(csv_file))])
+    assert len(scan.samples) == 1
+    assert scan.quarantined == [{"locator": str(tmp_path / "img" / "gone.png"), "source": "labels.csv", "row": 3,
+                                 "reason": "missing file"}]
+    assert scan.quarantined_fraction == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("label", ["2", "-1", "yes", "1.0", "", "true"])
+def test_csv_labels_other_than_0_1_are_refused_naming_file_and_row(tmp_path, label):
+    with pytest.raises(DataError, match=r"labels\.csv, row 3: label"):
+        parse_csv_labels(f"image_path,label\na.jpg,1\nb.jpg,{label}\n", origin=str(tmp_path / "labels.csv"))
+
+
+@pytest.mark.parametrize("label", [2, -1, 1.0, True, None, "yes", [1]])
+def test_json_labels_other_than_0_1_are_refused_naming_the_entry(label):
+    text = json.dumps([{"filename": "a.jpg", "label": 0}, {"filename": "b.jpg", "label": label}])
+    with pytest.raises(DataError, match=r"labels\.json, entry 1: label"):
+        parse_json_labels(text, origin="labels.json")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("image_path,label\na.jpg,1,extra\n", "row 2: 3 fields"),
+    ('image_path,label\n"a.jpg,1\n', "row 2|fields|readable"),
+    ("", "no rows"),
+    ("image_path,label\n", "no data rows"),
+    ("foo,bar\na.jpg,1\n", "row 1"),
+])
+def test_malformed_csv_is_a_data_error(text, match):
+    with pytest.raises(DataError, match=match):
+        parse_csv_labels(text, origin="labels.csv")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("[{\"filename\": \"a.jpg\", \"label\": 1}", "not valid JSON"),
+    ("[{\"file\": \"a.jpg\", \"label\": 1}]", "entry 0: needs a `filename`"),
+    ("[\"a.jpg\"]", "entry 0: expected an object"),
+    ("42", "expected a list"),
+    ("[]", "no entries"),
+])
+def test_malformed_json_is_a_data_error(text, match):
+    with pytest.raises(DataError, match=match):
+        parse_json_labels(text, origin="labels.json")
+
+
+def test_parquet_shard_missing_a_column_is_a_data_error_naming_the_shard(tmp_path):
+    shard = tmp_path / "shards" / "train-00000.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.table({"image": pa.array([b"x"], pa.binary())}), shard)
+    with pytest.raises(DataError, match=r"train-00000\.parquet: missing column\(s\) \['label'\]"):
+        load_sources([SourceConfig(str(tmp_path / "shards"))])
+
+
+# ----------------------------------------------------------------------------------------------- fuzzing
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+entries = st.lists(st.fixed_dictionaries(
+    {"filename": st.text(max_size=12) | st.integers(), "label": st.sampled_from([0, 1, "0", "1", "roadwork", 2, None])}
+), max_size=5)
+
+
+@settings(max_examples=150, deadline=None)
+@given(doc=json_values | entries)
+def test_json_label_parser_only_ever_raises_data_error(doc):
+    try:
+        rows = parse_json_labels(json.dumps(doc), origin="labels.json")
+    except DataError:
+        return
+    assert rows and all(r.label in (0, 1) and r.path == r.path.strip() and r.path for r in rows)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=300))
+def test_json_label_parser_on_arbitrary_text(text):
+    try:
+        parse_json_labels(text, origin="labels.json")
+    except DataError:
+        pass
+
+
+path_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=15).filter(
+    lambda p: p.strip() == p and p.strip())
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.tuples(path_text, st.sampled_from([0, 1])), min_size=1, max_size=8))
+def test_csv_written_by_csv_module_parses_back_exactly(rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["image_path", "label"])
+    writer.writerows(rows)
+    parsed = parse_csv_labels(buf.getvalue(), origin="labels.csv")
+    assert [(r.path, r.label) for r in parsed] == rows
+
+
+# ----------------------------------------------------------------------------------------------- features
+
+
+@pytest.fixture(scope="module")
+def crash_samples(tiny_demo):
+    """48 small demo images (the 12 MP one left out to keep kills quick), sorted by sample id."""
+    samples = load_sources([SourceConfig(path=str(tiny_demo), kind="folder")]).samples
+    return [s for s in samples if os.path.getsize(s.locator) < 500_000][:48]
+
+
+def _child_extract(samples, backbone, root, progress: str | None, result: str | None) -> None:
+    """Runs in a forked child: extract features, logging embedded counts to `progress` as it goes."""
+    import torch
+
+    import stage1core.features as features
+
+    torch.set_num_threads(1)
+    done = [0]
+    real_embed = features.embed
+
+    def logged_embed(model, batch, pooling):
+        out = real_embed(model, batch, pooling)
+        done[0] += len(batch)
+        if progress:
+            with open(progress, "a") as fh:
+                fh.write(f"{done[0]}\n")
+        time.sleep(0.01)  # widen the window between batches so kills land everywhere
+        return out
+
+    features.embed = logged_embed
+    info = extract_features(samples, backbone, CRASH_CFG, store_root=root, progress=False, log_fn=lambda m: None)
+    if result:
+        Path(result).write_text(json.dumps(info.to_json()))
+
+
+def _progress(path: Path) -> int:
+    lines = path.read_text().split() if path.exists() else []
+    return int(lines[-1]) if lines else 0
+
+
+def _run_child(samples, backbone, root, tmp, tag) -> dict:
+    result = tmp / f"{tag}.json"
+    proc = FORK.Process(target=_child_extract, args=(samples, backbone, str(root), None, str(result)))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0, f"{tag} exited with {proc.exitcode}"
+    return json.loads(result.read_text())
+
+
+def _store_state(root: Path) -> tuple[FeatureStore | None, int]:
+    stores = [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+    if not stores:
+        return None, 0
+    store = FeatureStore(stores[0])
+    return store, len(store.index)
+
+
+@pytest.fixture(scope="module")
+def reference(crash_samples, tiny_eva_module, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    # warm up here, so forked children inherit timm's lazy imports instead of paying seconds each
+    extract_features(crash_samples[:1], tiny_eva_module, CRASH_CFG, store_root=root / "warm", progress=False)
+    info = _run_child(crash_samples, tiny_eva_module, root, root, "ref")
+    ids = sorted(s.sample_id for s in crash_samples)
+    return {"info": info, "features": FeatureStore(info["store_dir"]).load(ids), "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def tiny_eva_module():
+    from stage1core.backbone import BackboneConfig
+    from tests.conftest import TINY_EVA
+
+    return BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                          model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
+
+
+def test_kill9_during_extraction_loses_at_most_the_shard_in_flight(crash_samples, tiny_eva_module, reference,
+                                                                    tmp_path):
+    rng = random.Random(7)
+    n = len(crash_samples)
+    root = tmp_path / "store"
+    kills = 0
+    for attempt in range(4):
+        _, stored = _store_state(root)
+        remaining = n - stored
+        if remaining <= BATCH:
+            break
+        progress = tmp_path / f"progress-{attempt}"
+        target = rng.randint(1, remaining - 1)  # images newly embedded before the kill is sent
+        proc = FORK.Process(target=_child_extract, args=(crash_samples, tiny_eva_module, str(root), str(progress),
+                                                         None))
+        proc.start()
+        deadline = time.monotonic() + 60
+        while _progress(progress) < target and proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))  # sometimes mid-batch, sometimes mid-write
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        if proc.exitcode != -signal.SIGKILL:
+            continue  # finished before the signal landed
+        kills += 1
+        store, now_stored = _store_state(root)
+        assert store is not None and store.verify() == []  # no corrupt shard under a final name
+        embedded = stored + _progress(progress)
+        assert now_stored >= stored and now_stored % SHARD == 0  # only complete shards count
+        assert embedded - now_stored <= SHARD, (embedded, now_stored)  # lost work: at most the shard in flight
+        store.load(sorted(store.index))  # every indexed feature is readable and finite
+    assert kills >= 3
+    _, stored = _store_state(root)
+    info = _run_child(crash_samples, tiny_eva_module, root, tmp_path, "resume")
+    assert info["n_computed"] == n - stored  # the rerun computes only what no complete shard holds
+    assert info["fingerprint"] == reference["info"]["fingerprint"]
+    resumed = FeatureStore(info["store_dir"]).load(reference["ids"])
+    assert np.array_equal(resumed, reference["features"])  # bit-identical to the uninterrupted run
+    assert resumed.tobytes() == reference["features"].tobytes()
+
+
+def test_two_concurrent_extractions_into_one_store_agree_and_do_not_corrupt_it(crash_samples, tiny_eva_module,
+                                                                               reference, tmp_path):
+    root = tmp_path / "shared-store"
+    procs, results = [], []
+    for i in range(2):
+        results.append(tmp_path / f"run{i}.json")
+        procs.append(FORK.Process(target=_child_extract,
+                                  args=(crash_samples, tiny_eva_module, str(root), None, str(results[-1]))))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    infos = [json.loads(r.read_text()) for r in results]
+    assert infos[0]["fingerprint"] == infos[1]["fingerprint"] == reference["info"]["fingerprint"]
+    assert sorted(i["n_computed"] for i in infos) == [0, len(crash_samples)]  # the lock: nothing embedded twice
+    store = FeatureStore(infos[0]["store_dir"])
+    assert store.verify() == []
+    listed = [sid for j in (Path(infos[0]["store_dir"]) / "shards").glob("*.json")
+              for sid in json.loads(j.read_text())["sample_ids"]]
+    assert sorted(listed) == reference["ids"]  # every sample in exactly one shard
+    assert np.array_equal(store.load(reference["ids"]), reference["features"])
+
+
+def test_nan_or_inf_features_are_refused(tmp_path, crash_samples, tiny_eva_module, reference, monkeypatch):
+    import torch
+
+    import stage1core.features as features
+
+    # 1. the store refuses to write them
+    store = FeatureStore.create(tmp_path / "s", {"dim": 3})
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="NaN/inf"):
+            store.write_shard(["a", "b"], np.array([[0, 1, 2], [bad, 0, 0]], np.float32))
+    assert store.index == {}
+    # 2. a backbone that produces them stops the extraction
+    monkeypatch.setattr(features, "embed", lambda model, batch, pooling: torch.full((len(batch), 64), np.nan))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        extract_features(crash_samples[:4], tiny_eva_module, CRASH_CFG, store_root=tmp_path / "nan", progress=False)
+    # 3. a damaged shard is refused on load (fp16 overflows to inf beyond 65504)
+    copy = tmp_path / "copy"
+    shutil.copytree(reference["info"]["store_dir"], copy)
+    npy = sorted((copy / "shards").glob("*.npy"))[0]
+    arr = np.load(npy).astype(np.float32)
+    arr[0, 0] = np.inf
+    np.save(npy, arr.astype(np.float16))
+    with pytest.raises(ValueError, match=rf"NaN/inf features in shard\(s\) \['{npy.stem}'\]"):
+        FeatureStore(copy).load(reference["ids"])
+
+
+# ----------------------------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGE1_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _csv_source(tmp_path: Path, tiny_demo: Path) -> tuple[Path, dict[str, int]]:
+    """A label file over the demo images plus broken ones; returns it and the CSV row of each broken file."""
+    samples = load_sources([SourceConfig(path=str(tiny_demo), kind="folder")]).samples
+    bad = tmp_path / "bad"
+    broken = {
+        "truncated.jpg": encode(photo(64, 64, seed=5), "JPEG")[:1500],
+        "webpage.jpg": b"<html>not an image</html>",
+        "bomb.png": png_claiming(20000, 20000),
+    }
+    for name, data in broken.items():
+        write(bad / name, data)
+    write(bad / "zero.jpg", b"")
+    lines = ["image_path,label"] + [f"{s.locator},{s.label}" for s in samples]
+    rows = {}
+    for name in (*broken, "zero.jpg", "missing.jpg"):
+        lines.append(f"{bad / name},1")
+        rows[name] = len(lines)
+    path = tmp_path / "labels.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path, rows
+
+
+def test_undecodable_images_are_quarantined_and_the_run_fails_only_above_the_limit(home, tmp_path, tiny_demo,
+                                                                                  tiny_eva_module):
+    from stage1core.splits import SplitConfig
+    from tasks.pipeline import build_splits, extract_features, split_arrays
+
+    labels, rows = _csv_source(tmp_path, tiny_demo)
+    sources = [SourceConfig(str(labels), name="natix")]
+    splits = SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15)
+    feats_cfg = FeatureConfig(batch_size=32, num_workers=0)
+
+    # 125 rows, 2 unusable at scan (empty, missing) + 3 undecodable = 4% > a 3% limit: fail, naming the report
+    strict = build_splits.fn(sources, splits, max_quarantined_fraction=0.03)
+    assert strict.quarantined == 2
+    with pytest.raises(DataError, match=r"4\.0% of the images could not be used .*limit 3\.0%.*quarantine-"):
+        extract_features.fn(strict, tiny_eva_module, feats_cfg)
+
+    # the next run with a looser limit continues, and reuses every feature already computed
+    split = build_splits.fn(sources, splits, max_quarantined_fraction=0.05)
+    info = extract_features.fn(split, tiny_eva_module, feats_cfg)
+    assert info.n_computed == 0 and len(info.failed) == 3
+    reports = {}
+    for report in (home / "reports").glob("quarantine-*.json"):
+        for entry in json.loads(report.read_text()):
+            reports[Path(entry["locator"]).name] = entry
+    assert set(reports) == set(rows)
+    for name, row in rows.items():
+        assert reports[name]["row"] == row and reports[name]["source"] == "natix" and reports[name]["reason"]
+    assert reports["missing.jpg"]["reason"] == "missing file"
+    assert "too large" in reports["bomb.png"]["reason"] and "not an image" in reports["webpage.jpg"]["reason"]
+    assert "truncated" in reports["truncated.jpg"]["reason"]
+    # quarantined images are in no split's arrays; every other image is
+    arrays = split_arrays(split, info, ("train", "val", "calib", "test"))
+    assert sum(len(ids) for ids, _, _ in arrays.values()) == split.n_samples - 3
+
+
+@pytest.mark.parametrize(("emptied", "label", "match"), [
+    ("test", None, "split 'test' is empty"),
+    ("calib", 1, "split 'calib' has no roadwork images"),
+    ("val", 0, "split 'val' has no no_roadwork images"),
+])
+def test_an_empty_or_one_class_split_fails_before_embedding(home, tmp_path, tiny_demo, tiny_eva_module, emptied,
+                                                           label, match):
+    from stage1core.splits import SplitConfig, make_splits, split_counts, write_split_manifest
+    from tasks.pipeline import SplitRef, extract_features
+
+    scan = load_sources([SourceConfig(path=str(tiny_demo), kind="folder")])
+    config = SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15)
+    parts = make_splits(scan.samples, config)
+    parts[emptied] = [] if label is None else [s for s in parts[emptied] if s.label != label]
+    path = tmp_path / "split.json"
+    fp = write_split_manifest(path, parts, config, data_fingerprint=scan.fingerprint())
+    ref = SplitRef(path=str(path), fingerprint=fp, data_fingerprint=scan.fingerprint(), counts=split_counts(parts),
+                   n_samples=len(scan.samples), duplicates=0, quarantined=0)
+    with pytest.raises(DataError, match=match):
+        extract_features.fn(ref, tiny_eva_module, FeatureConfig(num_workers=0))
+    assert not (home / "features").exists() or not any((home / "features").rglob("*.npy"))
+
+
+# ----------------------------------------------------------------------------------------------- bundles
+
+
+@pytest.fixture(scope="module")
+def bundle_parts(reference, crash_samples, tiny_eva_module, tmp_path_factory):
+    from stage1core.backbone import resolve_backbone
+    from stage1core.guarantees import GuaranteeConfig, fnr_threshold
+    from stage1core.train import TrainConfig, fit_head, predict_positive, save_head
+
+    root = tmp_path_factory.mktemp("bundle")
+    store = FeatureStore(reference["info"]["store_dir"])
+    by_id = {s.sample_id: s for s in crash_samples}
+    x = store.load(reference["ids"])
+    y = np.array([by_id[i].label for i in reference["ids"]])
+    trained = fit_head(x, y, x, y, config=TrainConfig(epochs=2))
+    save_head(root / "head", trained)
+    p = predict_positive(trained.model, x)
+    thr = fnr_threshold(p[y == 1], GuaranteeConfig(alpha=0.3, delta=0.3))
+    kwargs = dict(
+        name="rel", backbone=resolve_backbone(tiny_eva_module),
+        preprocessing={**store.meta["preprocessing"], "precision": "fp32"}, head_dir=root / "head",
+        policy_files={"thresholds.json": {"policy": "threshold", **thr.to_json()},
+                      "policy.json": {"policy": "threshold", "gate_min_confidence": None}},
+        metrics={"mcc": 0.1}, model_card="# card\n", inputs={"data_fingerprint": "d" * 64},
+        files={"plots/reliability.png": encode(Image.new("RGB", (4, 4)), "PNG")},
+        json_files={"test_predictions.json": {"p": p.tolist()}},
+    )
+    bundle = export_bundle(root / "bundles", **kwargs)
+    return {"bundle": Path(bundle.path), "kwargs": kwargs, "root": root, "image": crash_samples[0].locator}
+
+
+def _copy_bundle(parts, tmp_path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(parts["bundle"], dst)
+    return dst
+
+
+def _resign(dst: Path, **changes) -> None:
+    """Rewrite the manifest after a change, with matching hashes and fingerprint: only deeper checks can tell."""
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(changes)
+    manifest["files"] = {rel: sha256_file(dst / rel) for rel in manifest["files"]}
+    manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"], manifest["policy"],
+                                          manifest["backbone_fingerprint"], manifest["files"], manifest["inputs"])
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_untouched_bundle_loads(bundle_parts):
+    predictor = load_bundle(bundle_parts["bundle"], device="cpu")
+    assert 0.0 <= predictor(bundle_parts["image"]) <= 1.0
+
+
+BUNDLE_FILES = ["head.safetensors", "head.json", "backbone.json", "preprocessing.json", "thresholds.json",
+                "policy.json", "metrics.json", "model_card.md", "test_predictions.json", "plots/reliability.png"]
+
+
+@pytest.mark.parametrize("rel", BUNDLE_FILES)
+def test_a_flipped_byte_in_any_bundle_file_is_refused(bundle_parts, tmp_path, rel):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    data = bytearray((dst / rel).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (dst / rel).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"{rel.split('/')[-1]}: sha256 .* does not match the manifest"):
+        load_bundle(dst, device="cpu")
+
+
+@pytest.mark.parametrize(("rel", "edit", "match"), [
+    ("thresholds.json", lambda d: {**d, "alpha": 3.0}, "thresholds.json"),
+    ("preprocessing.json", lambda d: {k: v for k, v in d.items() if k != "input_size"}, "preprocessing.json"),
+    ("backbone.json", lambda d: {**d, "pooling": 7}, "backbone.json"),
+    ("policy.json", lambda d: {**d, "policy": "magic"}, "policy.json"),
+    ("thresholds.json", lambda d: "not json {", "thresholds.json: not valid JSON"),
+    ("head.json", lambda d: {**d, "in_dim": 3}, "cannot build the head"),
+])
+def test_schema_or_content_violations_with_matching_hashes_are_refused(bundle_parts, tmp_path, rel, edit, match):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    new = edit(json.loads((dst / rel).read_text()))
+    (dst / rel).write_text(new if isinstance(new, str) else json.dumps(new))
+    _resign(dst)
+    with pytest.raises(BundleError, match=match):
+        load_bundle(dst, device="cpu")
+
+
+def test_other_format_version_is_refused_by_name(bundle_parts, tmp_path):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    _resign(dst, format_version=2)
+    with pytest.raises(BundleError, match="bundle format version 2; .* reads version 1"):
+        load_bundle(dst, device="cpu")
+
+
+def test_backbone_fingerprint_mismatch_is_refused(bundle_parts, tmp_path):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    backbone = json.loads((dst / "backbone.json").read_text())
+    backbone["pooling"] = "avg"  # schema-valid, a different backbone: different features
+    (dst / "backbone.json").write_text(json.dumps(backbone))
+    _resign(dst)
+    with pytest.raises(BundleError, match="backbone fingerprint .* does not match the manifest"):
+        load_bundle(dst, device="cpu")
+
+
+def test_edited_manifest_fields_are_refused(bundle_parts, tmp_path):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["inputs"]["data_fingerprint"] = "e" * 64
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="fingerprint does not match the manifest's contents"):
+        load_bundle(dst, device="cpu")
+    _resign(dst, policy="gate")  # a consistent manifest that disagrees with policy.json
+    with pytest.raises(BundleError, match="policy.json: policy 'threshold' does not match"):
+        load_bundle(dst, device="cpu")
+
+
+def test_a_manifest_that_omits_a_file_the_predictor_reads_is_refused(bundle_parts, tmp_path):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    del manifest["files"]["metrics.json"]  # the file stays, unverified: it must not be read
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="does not list \\['metrics.json'\\]"):
+        load_bundle(dst, device="cpu")
+
+
+@pytest.mark.parametrize("escape", ["../outside.json", "/etc/passwd", "plots/../../x", "symlink"])
+def test_manifest_paths_cannot_escape_the_bundle(bundle_parts, tmp_path, escape):
+    dst = _copy_bundle(bundle_parts, tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if escape == "symlink":
+        (dst / "link.json").symlink_to(outside)
+        escape = "link.json"
+    manifest["files"][escape] = sha256_file(outside)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema|outside the bundle"):
+        load_bundle(dst, device="cpu")
+
+
+def _child_export(out_root: str, kwargs: dict) -> None:
+    """Forked child: export a bundle with every file write slowed down, so a kill can land anywhere."""
+    real = Path.write_bytes
+
+    def slow(self, data):
+        time.sleep(0.02)
+        real(self, data[: len(data) // 2])  # a write that a kill can cut in half
+        time.sleep(0.02)
+        return real(self, data)
+
+    Path.write_bytes = slow
+    export_bundle(out_root, **kwargs)
+
+
+def test_a_killed_export_never_leaves_a_directory_that_loads(bundle_parts, tmp_path):
+    rng = random.Random(11)
+    out = tmp_path / "bundles"
+    killed = 0
+    for attempt in range(5):
+        kwargs = {**bundle_parts["kwargs"], "name": f"killed{attempt}"}
+        proc = FORK.Process(target=_child_export, args=(str(out), kwargs))
+        proc.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        killed += proc.exitcode == -signal.SIGKILL
+        for directory in [p for p in out.iterdir() if p.is_dir()] if out.exists() else []:
+            try:
+                manifest = read_manifest(directory)
+            except BundleError:
+                # a broken directory never sits under a final name; unfinished ones keep their temp name
+                assert directory.name.startswith(".") and directory.name.endswith(".tmp"), directory.name
+                continue
+            # only a complete export verifies: every file is there with the bytes the manifest names
+            assert not directory.name.startswith(".") and set(manifest["files"]) >= set(BUNDLE_FILES)
+    assert killed >= 3
+    info = export_bundle(out, **{**bundle_parts["kwargs"], "name": "killed0"})  # the rerun completes
+    assert load_bundle(info.path, device="cpu").threshold >= 0
+
+
+def test_nothing_on_the_load_path_unpickles():
+    """Static: no pickle-family import, no torch.load without weights_only=True, no np.load(allow_pickle=True)."""
+    offenders = []
+    for path in sorted((ROOT / "stage1core").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib")
+                       for n in names):
+                    offenders.append(f"{path.name}:{node.lineno} imports pickle")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                kw = {k.arg: k.value for k in node.keywords}
+                owner = ast.unparse(node.func.value)
+                if node.func.attr == "load" and owner == "torch":
+                    value = kw.get("weights_only")
+                    if not (isinstance(value, ast.Constant) and value.value is True):
+                        offenders.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+                if node.func.attr == "load" and owner in ("np", "numpy"):
+                    value = kw.get("allow_pickle")
+                    if isinstance(value, ast.Constant) and value.value is True:
+                        offenders.append(f"{path.name}:{node.lineno} np.load(allow_pickle=True)")
+    assert offenders == []
+
+
+def test_a_bundle_loads_and_predicts_with_pickle_blocked(bundle_parts, monkeypatch):
+    import _pickle
+    import pickle
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling on the bundle load path")
+
+    for module in (pickle, _pickle):
+        for name in ("load", "loads", "Unpickler"):
+            monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    predictor = load_bundle(bundle_parts["bundle"], device="cpu")
+    assert 0.0 <= predictor(Path(bundle_parts["image"]).read_bytes()) <= 1.0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=json_values)
+def test_random_manifests_only_ever_raise_bundle_error(doc, tmp_path):
+    bundle = tmp_path / "fuzz"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "a.json").write_text("{}")
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError):
+        read_manifest(bundle)
+
+
+MANIFEST_KEYS = ["format", "format_version", "name", "fingerprint", "files", "backbone_fingerprint", "policy",
+                 "inputs", "code_version", "created_at", "backbone_random_init"]
+file_names = st.sampled_from(BUNDLE_FILES + ["../x", "/abs", "a" * 300, ".", "plots", "nope.json", ""])
+mutations = st.lists(st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(MANIFEST_KEYS), json_values),
+    st.tuples(st.just("del"), st.sampled_from(MANIFEST_KEYS), st.none()),
+    st.tuples(st.just("file"), file_names, st.sampled_from(["0" * 64, "f" * 64, 5, None])),
+    st.tuples(st.just("drop"), file_names, st.none()),
+), min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=mutations, resign=st.booleans())
+def test_mutated_manifests_only_ever_raise_bundle_error(bundle_parts, tmp_path, edits, resign):
+    dst = tmp_path / "m"
+    if not dst.exists():
+        shutil.copytree(bundle_parts["bundle"], dst)
+    original = (bundle_parts["bundle"] / "manifest.json").read_text()
+    manifest = json.loads(original)
+    for op, key, value in edits:
+        if op == "set":
+            manifest[key] = value
+        elif op == "del":
+            manifest.pop(key, None)
+        elif op == "file" and isinstance(manifest.get("files"), dict):
+            manifest["files"][key] = value
+        elif op == "drop" and isinstance(manifest.get("files"), dict):
+            manifest["files"].pop(key, None)
+    if resign:
+        try:  # a consistent fingerprint over whatever the fields now say, to reach the deeper checks
+            manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"],
+                                                  manifest["policy"], manifest["backbone_fingerprint"],
+                                                  manifest["files"], manifest["inputs"])
+        except (KeyError, TypeError, ValueError):
+            pass
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        load_bundle(dst, device="cpu")
+    except BundleError:
+        return
+    finally:
+        (dst / "manifest.json").write_text(original)
+    assert manifest["files"] == json.loads(original)["files"]  # loads only when nothing that matters changed
+
+
+# ----------------------------------------------------------------------------------------------- servers
+
+
+def test_unreachable_mlflow_server_fails_fast_naming_the_setting(monkeypatch):
+    from tasks.tracking import ServerUnreachable, start_mlflow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    started = time.perf_counter()
+    with pytest.raises(ServerUnreachable, match="MLFLOW_TRACKING_URI=http://127.0.0.1"):
+        start_mlflow_run.fn("stage1", "run", {})
+    assert time.perf_counter() - started < 5.0
+
+
+@pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
+def test_cli_fails_fast_naming_the_unreachable_setting(setting, tmp_path, tiny_demo):
+    env = {**os.environ, "STAGE1_HOME": str(tmp_path / "home"), setting: f"http://127.0.0.1:{closed_port()}/api"}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "deployments.cli", "train", "--source", str(tiny_demo)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 2, out.stderr
+    assert f"stage1: error: {setting}=http://127.0.0.1" in out.stderr and "unreachable" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert elapsed < 20.0  # interpreter start plus one refused connection, not minutes of retries
+    assert not (tmp_path / "home" / "features").exists()  # failed before any work
+
+
+def test_features_computed_before_a_tracking_failure_are_reused(home, tmp_path, tiny_demo, tiny_eva_module,
+                                                               monkeypatch):
+    """MLflow goes away mid-run (after the features): the next run embeds nothing again."""
+    from stage1core.splits import SplitConfig
+    from tasks.pipeline import build_splits, extract_features
+    from tasks.tracking import ServerUnreachable, start_mlflow_run
+
+    sources = [SourceConfig(path=str(tiny_demo), kind="folder", name="tiny")]
+    split = build_splits.fn(sources, SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15))
+    first = extract_features.fn(split, tiny_eva_module, FeatureConfig(batch_size=32, num_workers=0))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(ServerUnreachable):
+        start_mlflow_run.fn("stage1", "run", {})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    again = extract_features.fn(split, tiny_eva_module, FeatureConfig(batch_size=32, num_workers=0))
+    assert first.n_computed == split.n_samples and again.n_computed == 0
+    assert again.fingerprint == first.fingerprint
