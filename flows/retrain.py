@@ -4,7 +4,7 @@ same test split under the same FNR constraint, and promote it only when it wins 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -12,12 +12,14 @@ from prefect.runtime import flow_run
 from flows.train_pipeline import RegistryConfig, train_pipeline
 from stage1core.backbone import BackboneConfig
 from stage1core.features import FeatureConfig
+from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.policy import PolicyConfig
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
 from stage1core.train import TrainConfig
+from tasks.finetune import LaunchConfig
 from tasks.registry import ComparisonConfig, compare_with_champion, record_comparison, set_champion
 
 
@@ -34,6 +36,10 @@ def retrain(
     registry: RegistryConfig = RegistryConfig(),
     comparison: ComparisonConfig = ComparisonConfig(),
     max_quarantined_fraction: float = 0.01,
+    backbone_mode: Literal["frozen", "lora", "dora"] = "frozen",
+    finetune: FinetuneConfig = FinetuneConfig(),
+    launch: LaunchConfig = LaunchConfig(),
+    merge_adapters: bool = False,
     trigger: str = "",
 ) -> dict[str, Any]:
     """Retrain on the current sources, compare with the champion, promote if better.
@@ -47,6 +53,7 @@ def retrain(
     result = train_pipeline(
         sources=sources, splits=splits, backbone=backbone, features=features, head=head, train=train,
         guarantee=guarantee, policy=policy, registry=registry, max_quarantined_fraction=max_quarantined_fraction,
+        backbone_mode=backbone_mode, finetune=finetune, launch=launch, merge_adapters=merge_adapters,
     )
     challenger = result["registered"]["version"]
     report = compare_with_champion(

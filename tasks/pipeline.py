@@ -154,7 +154,7 @@ FEATURES_CACHE = OutputCache(
 )
 
 
-@task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features"])
+@task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features", "gpu"])
 def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
     """Embed every image of the split manifest that is not yet in the feature store.
 
