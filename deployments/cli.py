@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from stage1core.home import configure_environment, home_path, mlflow_artifact_root, stage1_home
+from tasks.servers import ServerUnreachable, check_server
 
 configure_environment()
 
@@ -45,11 +46,16 @@ def _print_result(title: str, result: dict) -> None:
     t = result["thresholds"]
     print(f"\n== {title} ==")
     print(f"test split: {m['n']} images ({m['n_pos']} roadwork)")
-    for key in ("mcc", "accuracy", "auroc", "fnr", "fpr", "ece", "nll", "brier"):
-        value = m.get(key)
-        print(f"  {key:9s} {value:.4f}" if isinstance(value, float) else f"  {key:9s} {value}")
-    print(f"threshold {t['threshold']:.4f}: P(FNR <= {t['alpha']}) >= {1 - t['delta']:.2f} "
+    print(f"guaranteed threshold {t['threshold']:.4f}: P(FNR <= {t['alpha']}) >= {1 - t['delta']:.2f} "
           f"(k={t['k']} of {t['n_positives']} calib positives)")
+    print(f"  {'':9s} {'at t':>8s} {'at 0.5':>8s}")
+    for key in ("mcc", "accuracy", "fnr", "fpr"):
+        print(f"  {key:9s} {_num(m.get(key)):>8s} {_num(m.get(key + '_at_0.5')):>8s}")
+    for key in ("auroc", "ece", "nll", "brier"):
+        print(f"  {key:9s} {_num(m.get(key)):>8s}")
+    if m.get("policy") != "threshold":
+        print(f"policy {m.get('policy')}: coverage {_num(m.get('coverage'))}, "
+              f"FNR among accepted {_num(m.get('selective_fnr'))}")
     f = result["features"]
     print(f"features: {f['n_computed']} embedded now, {f['n_samples'] - f['n_computed']} from cache")
     print(f"bundle:        {result['bundle_path']}")
@@ -58,6 +64,10 @@ def _print_result(title: str, result: dict) -> None:
     if reg:
         print(f"model version: {reg['model_name']} v{reg['version']} (alias @{reg['alias']})")
     print(f"pipeline time: {result['seconds']:.1f}s")
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -71,7 +81,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.baseline:
         base = train_pipeline(**demo_parameters(baseline=True))
         _print_result("same pipeline, random-init backbone (baseline, not registered)", base)
-        print(f"\ntest MCC: pretrained {result['metrics']['mcc']:.4f} vs random init {base['metrics']['mcc']:.4f}")
+        for key in ("mcc", "mcc_at_0.5", "auroc"):
+            print(f"test {key}: pretrained {result['metrics'][key]:.4f} vs random init {base['metrics'][key]:.4f}")
     _print_uis()
     return 0
 
@@ -213,10 +224,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-class ServerUnreachable(RuntimeError):
-    """A server named by PREFECT_API_URL or MLFLOW_TRACKING_URI does not accept connections."""
-
-
 # which servers each command talks to; checked before anything is imported, read or computed
 SERVERS_USED = {
     "demo": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
@@ -232,23 +239,8 @@ def check_servers(command: str, *, timeout_s: float = 3.0) -> None:
     """Fail in seconds, naming the setting, when an http(s) server the command needs is down: Prefect's
     and MLflow's clients would otherwise retry with backoff for minutes. Unset settings (embedded
     defaults) and local stores (sqlite, files) are not checked."""
-    import socket
-    from urllib.parse import urlparse
-
     for setting in SERVERS_USED.get(command, ()):
-        url = os.environ.get(setting, "")
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https"):
-            continue
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s):
-                pass
-        except OSError as exc:
-            raise ServerUnreachable(
-                f"{setting}={url} is unreachable ({type(exc).__name__}: {exc}); start the server or point "
-                f"{setting} at a running one (unset it for the embedded default). Nothing was computed."
-            ) from exc
+        check_server(os.environ.get(setting, ""), setting=setting, timeout_s=timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,15 @@ def _hf_cached_weights(name: str) -> Path:
     )
 
 
+def backbone_fingerprint(*, name: str, weights_kind: str, weights_sha256: str | None, pooling: str,
+                         model_kwargs: dict[str, Any], seed: int, input_size: int | None) -> str:
+    """What identifies a backbone's features: the model, the weights' sha256 (where the file lives does
+    not matter), pooling, kwargs, input size, and the seed only for random init."""
+    random = weights_kind == "random"
+    return fingerprint("backbone", name, "random" if random else "weights", weights_sha256, pooling, model_kwargs,
+                       seed if random else None, input_size)
+
+
 def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
     """Find the weights file and hash it, without building the model."""
     if config.weights == RANDOM_WEIGHTS:
@@ -142,10 +151,8 @@ def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
         if not path.is_file():
             raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
         sha = sha256_file(path)
-    fp = fingerprint(
-        "backbone", config.name, kind if kind == "random" else "weights", sha, config.pooling,
-        config.model_kwargs, config.seed if kind == "random" else None, config.input_size,
-    )
+    fp = backbone_fingerprint(name=config.name, weights_kind=kind, weights_sha256=sha, pooling=config.pooling,
+                              model_kwargs=config.model_kwargs, seed=config.seed, input_size=config.input_size)
     return BackboneSpec(
         name=config.name, weights_kind=kind, weights_file=str(path) if path else None, weights_sha256=sha,
         pooling=config.pooling, model_kwargs=dict(config.model_kwargs), seed=config.seed,
@@ -207,6 +214,15 @@ def build_backbone(spec: BackboneSpec, *, verify: bool = True) -> nn.Module:
 
 def _is_cnn(model: nn.Module) -> bool:
     return getattr(model, "patch_embed", None) is None
+
+
+def build_skeleton(spec: BackboneSpec) -> nn.Module:
+    """The architecture on the meta device: no memory, no weights; enough for timm's data config and
+    the feature width (a warm run decides it has nothing to embed without loading weights)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(spec.name, pretrained=False, num_classes=0, **dict(spec.model_kwargs))
 
 
 def load_backbone(config: BackboneConfig) -> tuple[nn.Module, BackboneSpec]:

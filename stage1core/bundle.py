@@ -26,6 +26,7 @@ from .backbone import (
     BackboneError,
     BackboneSpec,
     _hf_cached_weights,
+    backbone_fingerprint,
     build_backbone,
     demo_package_weights_file,
     embed,
@@ -230,11 +231,11 @@ def _locate_weights(spec: BackboneSpec, weights_override: str | Path | None) -> 
 
 
 def _backbone_fingerprint(spec: BackboneSpec) -> str:
-    """The fingerprint recomputed from the spec's fields, as backbone.resolve_backbone computes it: the
-    stored `fingerprint` field alone would let an edited backbone.json pass."""
-    random = spec.weights_kind == "random"
-    return fingerprint("backbone", spec.name, "random" if random else "weights", spec.weights_sha256, spec.pooling,
-                       spec.model_kwargs, spec.seed if random else None, spec.input_size)
+    """Recomputed from the spec's fields: the stored `fingerprint` alone would let an edited
+    backbone.json pass."""
+    return backbone_fingerprint(name=spec.name, weights_kind=spec.weights_kind, weights_sha256=spec.weights_sha256,
+                                pooling=spec.pooling, model_kwargs=spec.model_kwargs, seed=spec.seed,
+                                input_size=spec.input_size)
 
 
 ImageInput = str | Path | bytes | Any  # path, JPEG/PNG bytes, or a PIL image

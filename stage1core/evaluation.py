@@ -59,8 +59,9 @@ def evaluate_policy(fitted: FittedPolicy, outputs: dict[str, np.ndarray], y: np.
     sets = applied["set"][accepted]
     metrics["mean_set_size"] = float(np.mean(np.where(sets == 2, 2, 1))) if accepted.any() else float("nan")
 
-    # selective metrics of the deployed decision under each confidence score
-    decision = (p_raw >= t).astype(np.int64)
+    # selective metrics (risk-coverage, AURC, ...) of the argmax prediction, the prediction that
+    # max(p, 1 - p) and the gate are confidences of; the policy's own numbers are above
+    decision = (p_raw >= 0.5).astype(np.int64)
     scores = {"maxprob": np.maximum(p_raw, 1 - p_raw)}
     if fitted.calibrator is not None:
         p_cal = applied["p"]

@@ -27,6 +27,7 @@ from .backbone import (
     BackboneConfig,
     BackboneSpec,
     build_backbone,
+    build_skeleton,
     data_config,
     embed,
     feature_dim,
@@ -257,12 +258,12 @@ def extract_features(
     """
     say = log_fn or log.info
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_backbone(backbone)
-    model = build_backbone(spec, verify=False)
-    pre = preprocessing_spec(model, spec, config)
+    skeleton = build_skeleton(spec)
+    pre = preprocessing_spec(skeleton, spec, config)
     key = store_key(spec, pre, config.precision)
     root = feature_store_dir(key, store_root)
     meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
-            "precision": config.precision, "dim": feature_dim(model, spec.pooling)}
+            "precision": config.precision, "dim": feature_dim(skeleton, spec.pooling)}
     FeatureStore.create(root, meta)
     by_id = {s.sample_id: s for s in samples}
     ids = sorted(by_id)
@@ -281,9 +282,8 @@ def extract_features(
         todo = [by_id[sid] for sid in store.missing(ids)]
         if todo:
             say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {spec.name} into {root}")
+            model = build_backbone(spec, verify=False)
             failed = _embed_into(store, model, todo, pre, spec.pooling, config, progress=progress)
-        else:
-            del model
     finally:
         lock.release()
     seconds = time.perf_counter() - started

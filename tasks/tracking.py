@@ -21,6 +21,8 @@ from prefect import get_run_logger, task
 from stage1core.bundle import BundleInfo, read_manifest
 from stage1core.home import home_path, mlflow_artifact_root, mlflow_tracking_uri
 
+from .servers import ServerUnreachable, check_server  # noqa: F401  (re-exported)
+
 MODEL_NAME = "stage1-roadwork"
 
 
@@ -28,31 +30,6 @@ def client() -> MlflowClient:
     uri = mlflow_tracking_uri()
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
-
-
-class ServerUnreachable(RuntimeError):
-    """A tracking or orchestration server named by a setting does not answer; the message names the setting."""
-
-
-def check_server(url: str, *, setting: str, timeout_s: float = 3.0) -> None:
-    """Fail fast, before any expensive work, when the http(s) server behind `setting` does not accept a
-    connection within `timeout_s` (clients would otherwise retry with backoff for minutes).
-    Local stores (sqlite, file paths) are not checked."""
-    import socket
-
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https"):
-        return
-    host = parsed.hostname or "localhost"
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        raise ServerUnreachable(
-            f"{setting}={url} is unreachable ({type(exc).__name__}: {exc}); start the server or point "
-            f"{setting} at a running one (unset it for the embedded default). Nothing was computed."
-        ) from exc
 
 
 def check_tracking_server(timeout_s: float = 3.0) -> None:

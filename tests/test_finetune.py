@@ -257,9 +257,7 @@ def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(referenc
                           "policy.json": {"policy": "threshold", "gate_min_confidence": None}},
             model_card="# card\n", inputs={"finetune_fingerprint": result["fingerprint"]}, files=files,
         )
-        predictor = load_bundle(info.path, device="cpu")
-        predictor.backbone = attach_bundle_adapters(predictor.backbone, predictor.bundle_dir, predictor.manifest)
-        predictors[name] = predictor
+        predictors[name] = load_bundle(info.path, device="cpu")  # the Predictor attaches the adapters itself
     by_id = {s.sample_id: s for s in split["parts"]["val"]}
     paths = [by_id[sid].locator for sid in preds["sample_ids"]]
     p = {name: pr.predict_proba(paths) for name, pr in predictors.items()}
@@ -267,9 +265,12 @@ def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(referenc
     # the Predictor reproduces the training-time evaluation
     np.testing.assert_allclose(p["unmerged"], p_train, atol=1e-5)
     # folding the adapters in at load time is the same function
-    folded = load_bundle(predictors["unmerged"].bundle_dir, device="cpu")
-    folded.backbone = attach_bundle_adapters(folded.backbone, folded.bundle_dir, folded.manifest, merge=True)
-    np.testing.assert_allclose(folded.predict_proba(paths), p["unmerged"], atol=1e-5)
+    # the Predictor folds the adapters in at load time; keeping them as separate modules is the same function
+    from stage1core.backbone import build_backbone
+
+    kept = load_bundle(predictors["unmerged"].bundle_dir, device="cpu")
+    kept.backbone = attach_bundle_adapters(build_backbone(kept.spec), kept.bundle_dir, kept.manifest, merge=False)
+    np.testing.assert_allclose(kept.predict_proba(paths), p["unmerged"], atol=1e-5)
     # the shared pipeline's path: adapted features in the feature store + the fine-tuned head
     from stage1core.features import FeatureConfig, FeatureStore
     from stage1core.finetune import extract_adapted_features
@@ -280,8 +281,9 @@ def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(referenc
     x = FeatureStore(info.store_dir).load(preds["sample_ids"])
     np.testing.assert_allclose(predict_positive(load_head(out).model, x), p_train, atol=1e-5)
     # and the adapters matter: the plain backbone under the same head predicts otherwise
-    plain = load_bundle(predictors["unmerged"].bundle_dir, device="cpu").predict_proba(paths)
-    assert np.abs(plain - p["unmerged"]).max() > 1e-3
+    plain = load_bundle(predictors["unmerged"].bundle_dir, device="cpu")
+    plain.backbone = build_backbone(plain.spec)
+    assert np.abs(plain.predict_proba(paths) - p["unmerged"]).max() > 1e-3
 
 
 def test_ddp_two_processes_agree(split, tmp_path):
