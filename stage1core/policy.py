@@ -3,7 +3,8 @@
 Fitted on the calib split only. Every policy keeps the FNR-guaranteed threshold on the raw head
 probability; on top of it:
 - `threshold`: always decide, roadwork iff p_raw >= t (P(FNR <= alpha) >= 1 - delta);
-- `gate`: abstain when the Platt-calibrated gate says P(correct) < gate_min_confidence (selective head);
+- `gate`: SelectiveNet's selective classifier: the argmax decision where the Platt-calibrated gate says
+  P(argmax correct) >= gate_min_confidence, else abstain (selective head; no FNR guarantee);
 - `scrc`: SCRC-I selection and prediction sets (stage1core.guarantees.fit_scrc).
 
 The reported p(roadwork) is calibrated (temperature or Dirichlet/beta, fitted on calib). Thresholds
@@ -32,7 +33,7 @@ class PolicyConfig:
     policy: Literal["threshold", "gate", "scrc"] = "threshold"
     # none | temperature | dirichlet: calibrator of the reported p(roadwork)
     calibrator: Literal["none", "temperature", "dirichlet"] = "temperature"
-    # gate policy: abstain when the calibrated gate's P(correct) is below this
+    # gate policy: abstain when the calibrated gate's P(argmax prediction correct) is below this
     gate_min_confidence: float = 0.9
     # scrc policy: max FNR among accepted samples, failure probability, minimum coverage
     scrc_alpha: float = 0.05
@@ -138,6 +139,8 @@ class FittedPolicy:
         if self.policy == "gate":
             confidence = self.gate.apply(_need_gate(gate_logit))
             accepted = confidence >= self.gate_min_confidence
+            decision = (p_raw >= 0.5).astype(np.int64)
+            sets = decision.copy()
         elif self.policy == "scrc":
             conf = sigmoid(_need_gate(gate_logit)) if self.scrc_score == "gate" else None
             accepted, sets = apply_scrc(self.scrc, p_raw, conf)
@@ -165,7 +168,8 @@ def fit_policy(logits: np.ndarray, y: np.ndarray, gate_logit: np.ndarray | None,
     fitted = FittedPolicy(policy=config.policy, threshold=fnr_threshold(p_raw[y == 1], guarantee),
                           calibrator=fit_calibrator(config.calibrator, logits, y))
     if gate_logit is not None:
-        correct = ((p_raw >= fitted.threshold.threshold).astype(np.int64) == y).astype(np.int64)
+        # the gate was trained to accept where the classifier's argmax is right: calibrate it for that
+        correct = ((p_raw >= 0.5).astype(np.int64) == y).astype(np.int64)
         if 0 < correct.sum() < len(correct):
             fitted.gate = fit_gate_platt(gate_logit, correct)
         elif config.policy == "gate":

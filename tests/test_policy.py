@@ -70,8 +70,11 @@ def test_gate_policy_abstains_on_the_unreliable_samples():
         accuracies.append(np.mean(out["decision"][acc] == ty[acc]))
         assert (out["decision"][~acc] == -1).all() and (out["set"][~acc] == -1).all()
     assert coverages[0] > coverages[1] >= coverages[2] and coverages[2] > 0.3
-    all_acc = np.mean((softmax_positive(tl) >= fitted.threshold.threshold) == ty)
+    all_acc = np.mean((softmax_positive(tl) >= 0.5) == ty)  # the argmax classifier without abstaining
     assert accuracies[-1] > all_acc + 0.05
+    out = fitted.apply(tl, tg)
+    acc = out["accepted"]
+    np.testing.assert_array_equal(out["decision"][acc], (softmax_positive(tl) >= 0.5).astype(int)[acc])
 
 
 def test_scrc_policy_meets_coverage_and_selective_fnr_on_fresh_data():
