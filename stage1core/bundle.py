@@ -153,7 +153,7 @@ def _safe_member(root: Path, rel: str) -> Path:
 
 # files every bundle holds: the Predictor reads them, so each must be listed (and hashed) in the manifest
 REQUIRED_FILES = ("backbone.json", "preprocessing.json", "thresholds.json", "policy.json", "metrics.json",
-                  HEAD_WEIGHTS, HEAD_META)
+                  "model_card.md", HEAD_WEIGHTS, HEAD_META)
 
 
 def _manifest_fingerprint(manifest: dict[str, Any]) -> str:
@@ -203,6 +203,14 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
                 f"{path}: sha256 {actual[:12]}… does not match the manifest ({expected[:12]}…); "
                 "the bundle was modified or corrupted"
             )
+    # nothing unverified rides along: every file in the directory is listed (and so hash-checked)
+    unlisted = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*")
+        if not p.is_dir() and str(p.relative_to(root)) not in manifest["files"] and p.name != MANIFEST
+    )
+    if unlisted:
+        raise BundleError(f"{root}: {unlisted[:5]} are in the bundle directory but not in its manifest; "
+                          "a bundle holds only files whose sha256 it records")
     for rel, schema in JSON_SCHEMAS.items():
         if rel in manifest["files"]:
             try:

@@ -54,3 +54,14 @@ def tiny_eva_config():
 
     return BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
                           model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
+
+
+# CI runs the property tests with a fixed seed (a red CI must be reproducible); locally they explore
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        _hypothesis_settings.load_profile("ci")
+except ImportError:  # hypothesis is a dev dependency
+    pass

@@ -113,3 +113,10 @@ def test_missing_manifest_or_file_is_refused(built, tmp_path):
     (dst / "manifest.json").unlink()
     with pytest.raises(BundleError, match="not a bundle"):
         load_bundle(dst)
+
+
+def test_unlisted_file_in_the_bundle_is_refused(built, tmp_path):
+    dst = _copy(built, tmp_path)
+    (dst / "extra.py").write_text("print('not verified')\n")
+    with pytest.raises(BundleError, match="not in its manifest"):
+        load_bundle(dst)
