@@ -3,7 +3,9 @@
 Product: `extract_features` from image files (decode in DataLoader workers, transform, batch, embed,
 write fp16 shards) into a fresh store. Baseline: the minimal loop
 `model.forward_head(model.forward_features(x), pre_logits=True)` over tensors decoded beforehand (their
-decoding is not timed). Same model (demo backbone), images, batch size, precision and threads.
+decoding is not timed). Same model, images, batch size, precision and threads. `--backbone demo`
+(EfficientNet-Lite0, light compute: decoding is a large share) or `vit-s` (the ViT-S/16 DINOv3
+architecture of production, random init).
 Goal: product images/s >= 0.9x the plain loop's.
 """
 
@@ -16,7 +18,11 @@ import _common as c
 
 
 def main() -> None:
-    args = c.parse_args(__doc__, configure=lambda p: p.add_argument("--images", type=int, default=400))
+    def configure(p):
+        p.add_argument("--images", type=int, default=400)
+        p.add_argument("--backbone", choices=["demo", "vit-s"], default="demo")
+
+    args = c.parse_args(__doc__, configure=configure)
     c.header("1. feature extraction: product vs plain timm loop", args)
     import torch
 
@@ -32,7 +38,10 @@ def main() -> None:
 
     n = 24 if args.quick else args.images
     samples = c.load_samples(c.demo_data(n, n_large=0) if args.quick else c.demo_data(n))
-    backbone = c.demo_backbone()
+    from stage1core.backbone import BackboneConfig
+
+    backbone = c.demo_backbone() if args.backbone == "demo" else BackboneConfig(
+        name="vit_small_patch16_dinov3", weights="random", pooling="avg")
     config = FeatureConfig(batch_size=32, num_workers=2, precision="fp32", device="cpu")
     spec = resolve_backbone(backbone)
     model = build_backbone(spec, verify=False)
@@ -41,7 +50,7 @@ def main() -> None:
     tensors = torch.stack([transform(decode_image(Path(s.locator).read_bytes(), draft_size=draft)) for s in samples])
     batches = [tensors[i:i + config.batch_size].contiguous(memory_format=torch.channels_last)
                for i in range(0, len(tensors), config.batch_size)]
-    print(f"{len(samples)} demo images, batch {config.batch_size}, {config.precision}, "
+    print(f"{len(samples)} demo images, {backbone.name}, batch {config.batch_size}, {config.precision}, "
           f"{torch.get_num_threads()} torch threads, {config.num_workers} decode workers")
 
     def plain_loop():
