@@ -19,7 +19,7 @@ from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
 from stage1core.bundle import BundleInfo
 from stage1core.bundle import export_bundle as write_bundle
 from stage1core.evaluation import evaluate_policy
-from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore
+from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore, feature_precision
 from stage1core.features import extract_features as embed_samples
 from stage1core.finetune import export_adapter_files
 from stage1core.fingerprint import fingerprint, sha256_file
@@ -150,7 +150,7 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
 FEATURES_CACHE = OutputCache(
     "extract_features",
     lambda p: (p["split"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
-               p["features"].precision, p["features"].jpeg_draft),
+               feature_precision(p["backbone"], p["features"]), p["features"].jpeg_draft),
 )
 
 

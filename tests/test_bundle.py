@@ -35,7 +35,7 @@ def built(tmp_path_factory, tiny_demo):
     policy_files = {"thresholds.json": {"policy": "threshold", **thr.to_json()},
                     "policy.json": {"policy": "threshold", "gate_min_confidence": None}}
     spec = resolve_backbone(backbone)
-    pre = {**store.meta["preprocessing"], "precision": "fp32"}
+    pre = {**store.meta["preprocessing"], "precision": store.meta["precision"]}
     bundle = export_bundle(
         root / "bundles", name="test", backbone=spec, preprocessing=pre, head_dir=root / "head",
         policy_files=policy_files, metrics={"mcc": 0.1}, model_card="# card\n",

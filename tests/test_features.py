@@ -48,7 +48,8 @@ def test_interrupted_shard_is_recomputed(tmp_path, samples, tiny_eva_config):
 
 
 def test_precision_and_draft_are_part_of_the_store_key(tmp_path, samples, tiny_eva_config):
-    a = extract_features(samples[:8], tiny_eva_config, CFG, store_root=tmp_path, progress=False)
+    a = extract_features(samples[:8], tiny_eva_config, FeatureConfig(batch_size=16, num_workers=0, precision="fp32"),
+                         store_root=tmp_path, progress=False)
     b = extract_features(samples[:8], tiny_eva_config, FeatureConfig(batch_size=16, num_workers=0, precision="bf16"),
                          store_root=tmp_path, progress=False)
     c = extract_features(samples[:8], tiny_eva_config, FeatureConfig(batch_size=16, num_workers=0, jpeg_draft=False),
@@ -78,3 +79,30 @@ def test_workers_give_the_same_features(tmp_path, samples, tiny_eva_config):
                          store_root=tmp_path / "b", progress=False)
     ids = sorted(s.sample_id for s in samples[:20])
     np.testing.assert_allclose(FeatureStore(a.store_dir).load(ids), FeatureStore(b.store_dir).load(ids), atol=2e-3)
+
+
+def test_auto_precision_is_bf16_for_transformers_with_bf16_kernels_only(monkeypatch, tmp_path, samples,
+                                                                         tiny_eva_config):
+    import torch
+
+    from stage1core import features
+    from stage1core.backbone import BackboneConfig, build_skeleton, resolve_backbone
+
+    cpu = torch.device("cpu")
+    vit = build_skeleton(resolve_backbone(tiny_eva_config))
+    cnn = build_skeleton(resolve_backbone(BackboneConfig(name="tf_efficientnet_lite0", weights="random",
+                                                         pooling="avg")))
+    for supported in (True, False):
+        monkeypatch.setattr(features, "bf16_supported", lambda device, s=supported: s)
+        assert features.resolve_precision("auto", vit, cpu) == ("bf16" if supported else "fp32")
+        assert features.resolve_precision("auto", cnn, cpu) == "fp32"
+        assert features.resolve_precision("fp32", vit, cpu) == "fp32"
+    # the resolved precision, not "auto", keys the store and is recorded for the bundle
+    monkeypatch.setattr(features, "bf16_supported", lambda device: True)
+    auto = extract_features(samples[:8], tiny_eva_config, FeatureConfig(batch_size=16, num_workers=0),
+                            store_root=tmp_path, progress=False)
+    bf16 = extract_features(samples[:8], tiny_eva_config, FeatureConfig(batch_size=16, num_workers=0,
+                                                                        precision="bf16"),
+                            store_root=tmp_path, progress=False)
+    assert auto.store_key == bf16.store_key and bf16.n_computed == 0
+    assert FeatureStore(auto.store_dir).meta["precision"] == "bf16"

@@ -530,7 +530,7 @@ def bundle_parts(reference, crash_samples, tiny_eva_module, tmp_path_factory):
     thr = fnr_threshold(p[y == 1], GuaranteeConfig(alpha=0.3, delta=0.3))
     kwargs = dict(
         name="rel", backbone=resolve_backbone(tiny_eva_module),
-        preprocessing={**store.meta["preprocessing"], "precision": "fp32"}, head_dir=root / "head",
+        preprocessing={**store.meta["preprocessing"], "precision": store.meta["precision"]}, head_dir=root / "head",
         policy_files={"thresholds.json": {"policy": "threshold", **thr.to_json()},
                       "policy.json": {"policy": "threshold", "gate_min_confidence": None}},
         metrics={"mcc": 0.1}, model_card="# card\n", inputs={"data_fingerprint": "d" * 64},
