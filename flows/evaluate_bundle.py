@@ -79,7 +79,7 @@ def evaluate_bundle(
     """Evaluate `model` (a bundle path, `models:/<name>@<alias>`, `models:/<name>/<version>`, a version
     number or an alias of `model_name`) on `sources`, restricted to one hash split (`test`, `calib`,
     `val`, `train`) or `all` evaluable images. With no sources, the demo dataset."""
-    from tasks.reports import ensure_demo_data
+    from tasks.pipeline import ensure_demo_data
 
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")

@@ -24,12 +24,13 @@ from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_back
 from tasks.pipeline import (
     build_splits,
     calibrate,
+    ensure_demo_data,
     evaluate_test,
     export_bundle,
     extract_features,
     fit_head,
 )
-from tasks.reports import ensure_demo_data, publish_reports
+from tasks.reports import publish_reports
 from tasks.tracking import (
     MODEL_NAME,
     end_mlflow_run,

@@ -18,6 +18,7 @@ from prefect.exceptions import MissingContextError
 from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
 from stage1core.bundle import BundleInfo
 from stage1core.bundle import export_bundle as write_bundle
+from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
 from stage1core.evaluation import evaluate_policy
 from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore, feature_precision
 from stage1core.features import extract_features as embed_samples
@@ -113,6 +114,15 @@ def write_quarantine_report(entries: list[dict[str, Any]], key: str) -> Path:
     report = home_path("reports") / f"quarantine-{key[:16]}.json"
     atomic_write_json(report, entries)
     return report
+
+
+@task(name="ensure_demo_data")
+def ensure_demo_data(config: DemoConfig = DemoConfig()) -> SourceConfig:
+    """The embedded default source: the procedural demo dataset under $STAGE1_HOME, made if absent."""
+    out = home_path("demo-data")
+    if not demo_dataset_ready(out, config):
+        generate_demo_dataset(out, config)
+    return SourceConfig(path=str(out), kind="folder", name="demo")
 
 
 @task(name="build_splits")
@@ -229,10 +239,12 @@ def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: Tr
                    best_epoch=trained.best_epoch, epochs_run=len(trained.history))
 
 
-def _outputs(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, name: str
-             ) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
-    ids, x, y = split_arrays(split, feats, (name,))[name]
-    return ids, head_outputs(load_head(head.path).model, x), y
+def _outputs(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, names: tuple[str, ...]
+             ) -> dict[str, tuple[list[str], dict[str, np.ndarray], np.ndarray]]:
+    """(sample ids, head outputs, labels) per split name, loading the head once."""
+    model = load_head(head.path).model
+    return {name: (ids, head_outputs(model, x), y)
+            for name, (ids, x, y) in split_arrays(split, feats, names).items()}
 
 
 POLICY_CACHE = OutputCache(
@@ -246,7 +258,7 @@ def calibrate(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, guarantee: 
               policy: PolicyConfig) -> dict[str, dict[str, Any]]:
     """On the calib split only: the FNR-guaranteed threshold, the probability calibrator, the gate's
     Platt scaling and SCRC-I as the policy asks. Returns the bundle's policy JSON files."""
-    _, out, y = _outputs(split, feats, head, "calib")
+    _, out, y = _outputs(split, feats, head, ("calib",))["calib"]
     fitted = fit_policy(out["logits"], y, out.get("gate_logit"), guarantee=guarantee, config=policy)
     thr = fitted.threshold
     get_run_logger().info(
@@ -267,10 +279,11 @@ def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
                   policy_files: dict[str, dict[str, Any]]) -> EvalRef:
     """Test metrics at the guaranteed threshold, calibration before/after, selective metrics of the
     policy and of each confidence score, and the plots (FNR/FPR, reliability, risk-coverage)."""
-    ids, out, y = _outputs(split, feats, head, "test")
+    outputs = _outputs(split, feats, head, ("test", "calib"))
+    ids, out, y = outputs["test"]
     fp = fingerprint("evaluation", split.fingerprint, feats.fingerprint, head.fingerprint, policy_files)
     eval_dir = home_path("evaluations", fp[:24])
-    _, calib_out, calib_y = _outputs(split, feats, head, "calib")
+    _, calib_out, calib_y = outputs["calib"]
     fitted = FittedPolicy.from_files(policy_files)
     metrics = evaluate_policy(fitted, out, y, eval_dir, calib_logits=calib_out["logits"], calib_y=calib_y)
     applied = fitted.apply(out["logits"], out.get("gate_logit"))

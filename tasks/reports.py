@@ -9,10 +9,6 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
-from stage1core.home import home_path
-from stage1core.sources import SourceConfig
-
 METRIC_ORDER = ("accuracy", "mcc", "auroc", "fnr", "fpr", "precision", "recall", "ece", "nll", "brier",
                 "accuracy_at_0.5", "mcc_at_0.5", "policy", "coverage", "selective_fnr", "selective_accuracy",
                 "mean_set_size", "calibrator", "calibration/raw/ece", "calibration/temperature/ece",
@@ -70,12 +66,3 @@ FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metric
                              description="FNR/FPR vs threshold, reliability diagram, risk-coverage curve")
     create_link_artifact(key="mlflow-run", link=mlflow_run["url"], link_text="MLflow run",
                          description="The MLflow run of this flow run")
-
-
-@task(name="ensure_demo_data")
-def ensure_demo_data(config: DemoConfig = DemoConfig()) -> SourceConfig:
-    """The embedded default source: the procedural demo dataset under $STAGE1_HOME, made if absent."""
-    out = home_path("demo-data")
-    if not demo_dataset_ready(out, config):
-        generate_demo_dataset(out, config)
-    return SourceConfig(path=str(out), kind="folder", name="demo")

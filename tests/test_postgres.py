@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TINY_EVA
-from tests.test_servers import ROOT, Processes, exe, free_port, wait_until
+from tests.test_servers import ROOT, Processes, exe, free_port, tiny_parameters, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "stage1-postgres-test"
@@ -66,20 +65,6 @@ def postgres_cluster():
                 continue  # still running: try harder
             break
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def tiny_parameters(data: Path) -> dict:
-    """tests/test_flow.py's tiny run: random-init tiny Eva, tiny demo data, 4 epochs."""
-    return {
-        "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
-        "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
-        "backbone": {"name": "vit_small_patch16_dinov3", "weights": "random", "pooling": "cls+avg",
-                     "model_kwargs": dict(TINY_EVA), "input_size": 32},
-        "features": {"batch_size": 32, "num_workers": 0},
-        "train": {"epochs": 4, "batch_size": 32},
-        "guarantee": {"alpha": 0.2, "delta": 0.2},
-        "registry": {"experiment": "postgres-test", "model_name": MODEL},
-    }
 
 
 def healthy(procs: Processes, name: str, proc: subprocess.Popen, url: str) -> None:
@@ -129,8 +114,9 @@ def test_train_pipeline_against_prefect_and_mlflow_servers_on_postgres(tiny_demo
         healthy(procs, "prefect-server", prefect, f"http://127.0.0.1:{pport}/api/health")
         healthy(procs, "mlflow-server", mlflow, f"http://127.0.0.1:{mport}/health")
 
-        done = subprocess.run([sys.executable, "-c", RUN_FLOW, json.dumps(tiny_parameters(tiny_demo))], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=240)
+        parameters = tiny_parameters(tiny_demo, experiment="postgres-test", model_name=MODEL)
+        done = subprocess.run([sys.executable, "-c", RUN_FLOW, json.dumps(parameters)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, f"train_pipeline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
         run_id, version = result["flow_run_id"], str(result["registered"]["version"])

@@ -126,7 +126,8 @@ def servers(tmp_path_factory):
                "tmp": tmp}
 
 
-def tiny_parameters(data: Path) -> dict:
+def tiny_parameters(data: Path, *, experiment: str = "servers-test", model_name: str = MODEL) -> dict:
+    """tests/test_flow.py's tiny run as JSON parameters: random-init tiny Eva, tiny demo data, 4 epochs."""
     return {
         "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
         "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
@@ -135,7 +136,7 @@ def tiny_parameters(data: Path) -> dict:
         "features": {"batch_size": 32, "num_workers": 0},
         "train": {"epochs": 4, "batch_size": 32},
         "guarantee": {"alpha": 0.2, "delta": 0.2},
-        "registry": {"experiment": "servers-test", "model_name": MODEL},
+        "registry": {"experiment": experiment, "model_name": model_name},
     }
 
 
