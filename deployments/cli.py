@@ -38,9 +38,10 @@ def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dic
         "features": FeatureConfig(batch_size=32, num_workers=2),
         "train": TrainConfig(),
         "guarantee": GuaranteeConfig(alpha=0.05, delta=0.05),
-        # gate and scrc need the selective head; SCRC-I's joint (coverage, selective FNR) certificate is
-        # asked at a level ~230 calib images can support
-        "head": HeadConfig(kind="selective" if policy != "threshold" else "mlp"),
+        # head kind auto: the head grid (linear and MLP) for the threshold policy, the selective head for
+        # gate and scrc; SCRC-I's joint (coverage, selective FNR) certificate is asked at a level ~230
+        # calib images can support
+        "head": HeadConfig(kind="auto"),
         "policy": PolicyConfig(policy=policy, scrc_alpha=0.1, scrc_delta=0.2, scrc_xi=0.5, scrc_grid_size=5),
         "registry": RegistryConfig(register=not baseline and policy == "threshold",
                                    bundle_name="demo-random-init" if baseline else (

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 
 from flows.train_pipeline import RegistryConfig, train_pipeline
 from stage1core.backbone import BackboneConfig
+from stage1core.baselines import BaselineConfig
 from stage1core.features import FeatureConfig
 from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
@@ -18,7 +19,7 @@ from stage1core.heads import HeadConfig
 from stage1core.policy import PolicyConfig
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
-from stage1core.train import TrainConfig
+from stage1core.train import SelectionConfig, TrainConfig
 from tasks.finetune import LaunchConfig
 from tasks.registry import ComparisonConfig, compare_with_champion, record_comparison, set_champion
 
@@ -31,6 +32,8 @@ def retrain(
     features: FeatureConfig = FeatureConfig(),
     head: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
+    selection: SelectionConfig = SelectionConfig(),
+    baselines: BaselineConfig = BaselineConfig(),
     guarantee: GuaranteeConfig = GuaranteeConfig(),
     policy: PolicyConfig = PolicyConfig(),
     registry: RegistryConfig = RegistryConfig(),
@@ -52,7 +55,8 @@ def retrain(
         raise ValueError("retrain registers the challenger to compare it: registry.register must be true")
     result = train_pipeline(
         sources=sources, splits=splits, backbone=backbone, features=features, head=head, train=train,
-        guarantee=guarantee, policy=policy, registry=registry, max_quarantined_fraction=max_quarantined_fraction,
+        selection=selection, baselines=baselines, guarantee=guarantee, policy=policy, registry=registry,
+        max_quarantined_fraction=max_quarantined_fraction,
         backbone_mode=backbone_mode, finetune=finetune, launch=launch, merge_adapters=merge_adapters,
     )
     challenger = result["registered"]["version"]

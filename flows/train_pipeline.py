@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from stage1core.backbone import BackboneConfig
+from stage1core.baselines import BaselineConfig
 from stage1core.features import FeatureConfig
 from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
@@ -19,7 +20,7 @@ from stage1core.heads import HeadConfig
 from stage1core.policy import PolicyConfig
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
-from stage1core.train import TrainConfig
+from stage1core.train import SelectionConfig, TrainConfig
 from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_backbone, head_ref_of
 from tasks.pipeline import (
     build_splits,
@@ -29,11 +30,13 @@ from tasks.pipeline import (
     export_bundle,
     extract_features,
     fit_head,
+    score_baselines,
 )
 from tasks.reports import publish_reports
 from tasks.tracking import (
     MODEL_NAME,
     end_mlflow_run,
+    log_baselines_and_selection,
     log_params,
     log_results,
     log_training_history,
@@ -64,6 +67,8 @@ def train_pipeline(
     features: FeatureConfig = FeatureConfig(),
     head: HeadConfig = HeadConfig(),
     train: TrainConfig = TrainConfig(),
+    selection: SelectionConfig = SelectionConfig(),
+    baselines: BaselineConfig = BaselineConfig(),
     guarantee: GuaranteeConfig = GuaranteeConfig(),
     policy: PolicyConfig = PolicyConfig(),
     registry: RegistryConfig = RegistryConfig(),
@@ -76,13 +81,18 @@ def train_pipeline(
     """Train, calibrate, evaluate, export and register a roadwork classifier.
 
     With no sources, runs on the embedded demo dataset (generated under $STAGE1_HOME if absent).
-    backbone_mode `frozen` trains the head on cached features; `lora`/`dora` fine-tunes adapters on the
-    backbone's last blocks together with the head, on images, in a child process (`launch`: one device,
-    or `accelerate launch` on several GPUs/nodes). Calibration, evaluation, export and registration
-    are the same tasks either way.
+    backbone_mode `frozen` trains a grid of heads on cached features and keeps the best on val
+    (`selection`); `lora`/`dora` fine-tunes adapters on the backbone's last blocks together with one
+    head, on images, in a child process (`launch`: one device, or `accelerate launch` on several
+    GPUs/nodes). Calibration, evaluation, baselines, export and registration are the same tasks
+    either way.
     """
     logger = get_run_logger()
     started = time.perf_counter()
+    needs_gate = policy.needs_gate()
+    if needs_gate and head.kind not in ("auto", "selective"):
+        raise ValueError(f"policy {policy.policy!r} (scrc_score {policy.scrc_score!r}) needs the gate of a selective "
+                         f"head: set head.kind to 'selective' or 'auto', not {head.kind!r}")
     if not sources:
         sources = [ensure_demo_data()]
     run = start_mlflow_run(
@@ -95,8 +105,11 @@ def train_pipeline(
         adapter_dir = None
         if backbone_mode == "frozen":
             feats = extract_features(split, backbone, features)
-            head_ref = fit_head(split, feats, head, train)
+            head_ref = fit_head(split, feats, head, train, selection, needs_gate)
         else:
+            # fine-tuning trains one head with the backbone: `auto` is the kind the policy needs
+            if head.kind == "auto":
+                head = replace(head, kind=head.kinds(selection=False, needs_gate=needs_gate)[0])
             tuned = fit_backbone(split, backbone, head,
                                  replace(finetune, adapter=replace(finetune.adapter, method=backbone_mode)), launch)
             feats = extract_adapted_features_task(split, tuned, finetune.precision)
@@ -105,12 +118,18 @@ def train_pipeline(
         policy_files = calibrate(split, feats, head_ref, guarantee, policy)
         thresholds = policy_files["thresholds.json"]
         evaluation = evaluate_test(split, feats, head_ref, policy_files)
+        # baselines are probes of the frozen backbone: with lora/dora they answer "was fine-tuning worth it?"
+        frozen = feats if backbone_mode == "frozen" else (
+            extract_features(split, backbone, features) if baselines.enabled else None)
+        judged = score_baselines(split, frozen, baselines, evaluation) if baselines.enabled else None
         bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
-                               head_config=head, policy_files=policy_files, evaluation=evaluation,
-                               backbone=backbone, adapter_dir=adapter_dir, merge_adapters=merge_adapters)
+                               policy_files=policy_files, evaluation=evaluation, backbone=backbone,
+                               baselines=judged, backbone_mode=backbone_mode, adapter_dir=adapter_dir,
+                               merge_adapters=merge_adapters)
         params = {name: dataclasses.asdict(cfg) for name, cfg in (
             ("splits", splits), ("backbone", backbone), ("features", features), ("head", head),
-            ("train", train), ("guarantee", guarantee), ("policy", policy))}
+            ("train", train), ("selection", selection), ("baselines", baselines), ("guarantee", guarantee),
+            ("policy", policy))}
         params["backbone_mode"] = backbone_mode
         if backbone_mode != "frozen":
             params["finetune"] = finetune.to_json()
@@ -123,17 +142,20 @@ def train_pipeline(
         _set_run_tags(run["run_id"], client_tags)
         log_training_history(run["run_id"], head_ref.path)
         log_results(run["run_id"], evaluation.metrics, bundle)
+        quality_tags = log_baselines_and_selection(run["run_id"], head_ref, judged)
         registered = None
         if registry.register:
             registered = register_bundle(
                 run["run_id"], bundle, model_name=registry.model_name, alias=registry.alias,
-                tags={**client_tags, "prefect_flow_run_id": str(flow_run.id), "mlflow_run_id": run["run_id"],
+                tags={**client_tags, **quality_tags, "prefect_flow_run_id": str(flow_run.id),
+                      "mlflow_run_id": run["run_id"],
                       **{f"test_{k}": f"{evaluation.metrics[k]:.4f}" for k in ("mcc", "accuracy", "auroc", "fnr")
                          if isinstance(evaluation.metrics.get(k), float)}},
                 description=_read_card(bundle.path),
             )
         publish_reports(metrics=evaluation.metrics, thresholds=thresholds, bundle_path=bundle.path,
-                        mlflow_run=run, registered=registered, counts=split.counts)
+                        mlflow_run=run, registered=registered, counts=split.counts, head=head_ref,
+                        baselines=judged)
     except BaseException:
         end_mlflow_run(run["run_id"], "FAILED")
         raise
@@ -143,6 +165,9 @@ def train_pipeline(
                 evaluation.metrics.get("mcc"), bundle.path)
     return {
         "metrics": evaluation.metrics, "thresholds": thresholds, "bundle_path": bundle.path,
+        "head": {"kind": head_ref.kind, "chosen": head_ref.chosen, "n_candidates": head_ref.n_candidates,
+                 "best_epoch": head_ref.best_epoch},
+        "baselines": judged,
         "bundle_fingerprint": bundle.fingerprint, "mlflow_run_id": run["run_id"], "mlflow_run_url": run["url"],
         "experiment_id": run["experiment_id"], "registered": registered, "split_counts": split.counts,
         "split_manifest": split.path,

@@ -7,12 +7,11 @@ split, selection of the best EMA weights. Seeded and deterministic on CPU.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .fingerprint import fingerprint, sha256_file
-from .heads import HeadConfig, SelectiveHead, build_head, positive_probability
+from .heads import FeatureView, HeadConfig, SelectiveHead, build_head, positive_probability
 from .losses import class_weighted_ce, class_weights_from_labels, risk_aware_loss, selectivenet_loss
 from .storage import atomic_dir
 
@@ -77,13 +76,122 @@ class TrainConfig:
             raise ValueError(f"loss must be 'ce' or 'risk_aware' and fn_cost > 0, got {self.loss!r}, {self.fn_cost}")
 
 
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Head selection on cached features, as DINOv3's linear evaluation does it: a small grid of heads,
+    the best kept by a bounded validation criterion (class-balanced Brier score; docs/selection.md)."""
+
+    # train the grid and keep the best head; off: one head trained with train.lr and train.weight_decay
+    enabled: bool = True
+    # MLP and selective heads (AdamW, trained side by side on the same batches): learning rates tried,
+    # train.lr times each factor
+    lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
+    # ... and AdamW weight decays tried, train.weight_decay times each factor
+    weight_decay_factors: tuple[float, ...] = (1.0, 10.0)
+    # linear heads: the convex problem is solved exactly (L-BFGS) for each inverse L2 strength C
+    # (scikit-learn's convention: sum of the per-image losses + |w|^2 / (2C)); no learning rate applies
+    linear_c: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    # with cls+avg features, also try the CLS token alone and the patch mean alone
+    pooling_views: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("lr_factors", "weight_decay_factors", "linear_c"):
+            values = tuple(getattr(self, name))
+            object.__setattr__(self, name, values)  # a JSON form gives lists
+            if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
+                raise ValueError(f"SelectionConfig.{name} must be a non-empty list of numbers >= 0, got {values!r}")
+        if any(v == 0 for v in self.lr_factors + self.linear_c):
+            raise ValueError("SelectionConfig.lr_factors and linear_c must be > 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the head grid: an AdamW-trained head (lr, weight_decay) or an exactly solved
+    linear head (c)."""
+
+    kind: str
+    view: FeatureView
+    lr: float | None = None
+    weight_decay: float | None = None
+    c: float | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.c is not None
+
+    def label(self) -> str:
+        knobs = f"C={self.c:g}" if self.exact else f"lr={self.lr:g} wd={self.weight_decay:g}"
+        return f"{self.kind} {knobs} view={self.view.name}"
+
+
 @dataclass
 class TrainedHead:
-    model: nn.Module  # best weights (EMA when enabled), on CPU, eval mode
+    model: nn.Module  # the chosen weights (EMA when enabled), on CPU, eval mode
     head: HeadConfig
-    in_dim: int
-    history: list[dict[str, float]]
-    best_epoch: int
+    in_dim: int  # dimension of the stored features the head reads (its view may use part of them)
+    history: list[dict[str, float]]  # per epoch, of the chosen candidate
+    best_epoch: int  # the chosen epoch of the chosen candidate
+    kind: str = "mlp"  # the concrete kind of `model`
+    view: FeatureView | None = None
+    # every candidate trained: kind, lr, weight_decay, view, best_epoch, epochs_run, val metrics at
+    # its best epoch; the chosen one has chosen=True
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    criterion: str = ""
+
+
+SELECTION_CRITERION = (
+    "class-balanced Brier score on the val split (per candidate: its best epoch after the LR warmup); "
+    "the simplest candidate within one standard error of the best wins (linear before mlp, stronger "
+    "L2 first)")
+
+
+def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:
+    """Mean squared error of p(roadwork), averaged within each class, then over the classes.
+
+    The selection criterion: each image contributes at most 1, so one wildly wrong prediction (or one
+    epoch with a few blown-up logits) cannot swamp it the way it swamps the log loss; it is a proper
+    scoring rule, so it rewards ranking and calibration together; averaging per class matches the
+    class-weighted training loss.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y)
+    per_class = [np.mean((p[y == c] - c) ** 2) for c in (0, 1) if np.any(y == c)]
+    return float(np.mean(per_class))
+
+
+def _brier_terms(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-image terms whose mean is `balanced_brier`: squared error times n / (2 n_class)."""
+    y = np.asarray(y)
+    counts = np.bincount(y, minlength=2).astype(np.float64)
+    weights = len(y) / (2.0 * np.maximum(counts, 1.0))
+    return weights[y] * (np.asarray(p, dtype=np.float64) - y) ** 2
+
+
+def complexity(candidate: Candidate) -> tuple[float, ...]:
+    """Order of simplicity for the one-standard-error rule: linear before the rest, fewer input
+    dimensions first, then (linear) stronger L2 first; AdamW candidates of one kind and view tie."""
+    return (0.0 if candidate.kind == "linear" else 1.0, float(candidate.view.dim), candidate.c or 0.0)
+
+
+def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray], val_y: np.ndarray
+                     ) -> tuple[int, list[float]]:
+    """The one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10) on val Brier terms.
+
+    The candidate with the lowest balanced Brier score is the reference; every candidate whose mean
+    paired difference to it is within one standard error of that difference qualifies, and the
+    simplest qualifying one (`complexity`, then grid order) wins. On a small val split the
+    differences between heads are mostly noise, and this rule then keeps the more regularised head
+    instead of the one that was luckiest on these images. Returns (index, SE of each difference).
+    """
+    terms = [_brier_terms(p, val_y) for p in val_p]
+    means = [float(t.mean()) for t in terms]
+    best = min(range(len(terms)), key=lambda i: (means[i], i))
+    ses = []
+    for t in terms:
+        d = t - terms[best]
+        ses.append(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0)
+    ok = [i for i in range(len(terms)) if means[i] - means[best] <= ses[i] + 1e-12]
+    return min(ok, key=lambda i: (complexity(candidates[i]), means[i], i)), ses
 
 
 def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -99,10 +207,10 @@ def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tensor, *,
               class_weights: torch.Tensor | None, label_smoothing: float = 0.0, loss: str = "ce",
-              fn_cost: float = 5.0) -> torch.Tensor:
+              fn_cost: float = 5.0, kind: str | None = None) -> torch.Tensor:
     """The training loss of a head kind: class-weighted CE (with label smoothing), or for the selective
     head the SelectiveNet loss on plain class-weighted CE (docs/selective.md)."""
-    if head.kind == "selective":
+    if (kind or head.kind) == "selective":
         cls, gate, aux = model(x, return_all=True)
         loss, _ = selectivenet_loss(cls, gate, aux, y, coverage=head.target_coverage, lam=head.coverage_lambda,
                                     alpha=head.selective_alpha, class_weights=class_weights)
@@ -110,6 +218,27 @@ def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tens
     if loss == "risk_aware":
         return risk_aware_loss(model(x), y, fn_cost=fn_cost)
     return class_weighted_ce(model(x), y, class_weights=class_weights, label_smoothing=label_smoothing)
+
+
+def head_grid(head: HeadConfig, config: TrainConfig, selection: SelectionConfig, views: Sequence[FeatureView], *,
+              needs_gate: bool = False) -> list[Candidate]:
+    """The candidates: per feature view and head kind, linear heads for each C (solved exactly; with
+    the risk-aware loss, which has no exact solver here, they train like the others) and AdamW heads
+    for each learning rate x weight decay. One AdamW candidate when selection is off."""
+    kinds = head.kinds(selection=selection.enabled, needs_gate=needs_gate)
+    if not selection.enabled:
+        return [Candidate(kinds[0], views[0], lr=config.lr, weight_decay=config.weight_decay)]
+    if not selection.pooling_views:
+        views = views[:1]
+    out = []
+    for view in views:
+        for kind in kinds:
+            if kind == "linear" and config.loss == "ce":
+                out += [Candidate(kind, view, c=c) for c in selection.linear_c]
+            else:
+                out += [Candidate(kind, view, lr=config.lr * f_lr, weight_decay=config.weight_decay * f_wd)
+                        for f_lr in selection.lr_factors for f_wd in selection.weight_decay_factors]
+    return out
 
 
 def fit_head(
@@ -120,89 +249,204 @@ def fit_head(
     *,
     head: HeadConfig = HeadConfig(),
     config: TrainConfig = TrainConfig(),
+    selection: SelectionConfig = SelectionConfig(),
+    views: Sequence[FeatureView] | None = None,
+    needs_gate: bool = False,
     log_fn: LogFn = _no_log,
 ) -> TrainedHead:
+    """Train every candidate of the head grid (`head_grid`) and keep the best on val.
+
+    Each candidate is scored on val by `balanced_brier` after every epoch (AdamW heads; its best
+    eligible epoch counts) or once (exactly solved linear heads); `select_candidate` then picks the
+    simplest candidate within one standard error of the best. With selection off this is one head,
+    early-stopped on the same criterion.
+    """
+    _check_inputs("train", train_x, train_y)
+    _check_inputs("val", val_x, val_y)
+    in_dim = int(train_x.shape[1])
+    views = list(views) if views else [FeatureView("all", 0, in_dim)]
+    candidates = head_grid(head, config, selection, views, needs_gate=needs_gate)
+    xt = torch.as_tensor(train_x, dtype=torch.float32)
+    xv = torch.as_tensor(val_x, dtype=torch.float32)
+    results: dict[int, dict[str, Any]] = {}
+    exact = [i for i, c in enumerate(candidates) if c.exact]
+    looped = [i for i, c in enumerate(candidates) if not c.exact]
+    if exact:
+        results.update(_fit_exact_linear(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, exact,
+                                         class_weighting=config.class_weighting))
+    if looped:
+        results.update(_fit_adamw(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, looped,
+                                  head=head, config=config, log_fn=log_fn))
+
+    chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
+                                   np.asarray(val_y))
+    c, won = candidates[chosen], results[chosen]
+    final = build_head(head, in_dim, kind=c.kind, view=c.view)
+    final.load_state_dict(won["state"])
+    final.eval()
+    grid = [{"kind": cand.kind, "view": cand.view.name, "lr": cand.lr, "weight_decay": cand.weight_decay,
+             "c": cand.c, "best_epoch": results[i]["epoch"], "epochs_run": len(results[i]["history"]),
+             "chosen": i == chosen, "val_brier_se": ses[i], **{k: results[i]["row"][k] for k in VAL_KEYS}}
+            for i, cand in enumerate(candidates)]
+    if len(candidates) > 1:
+        log.info("head selection: %s chosen of %d candidates (val Brier %.4f, epoch %d)", c.label(),
+                 len(candidates), won["score"], won["epoch"])
+    return TrainedHead(model=final, head=head, in_dim=in_dim, history=won["history"], best_epoch=won["epoch"],
+                       kind=c.kind, view=c.view, grid=grid, criterion=SELECTION_CRITERION)
+
+
+VAL_KEYS = ("val_brier", "val_loss", "val_accuracy", "val_mcc")
+
+
+def _score(model: nn.Module, head: HeadConfig, kind: str, xv: torch.Tensor, yv: np.ndarray,
+           val_weights: torch.Tensor) -> dict[str, Any]:
+    """Val metrics of one head (the selection criterion and what the grid table shows) and its val
+    probabilities (`val_p`, for the one-standard-error rule)."""
+    with torch.no_grad():
+        logits = model(xv)
+        p = positive_probability(logits).double().cpu().numpy()
+        y = torch.as_tensor(yv, dtype=torch.long, device=xv.device)
+        loss = float(head_loss(model, head, xv, y, class_weights=val_weights, kind=kind))
+    return {"val_brier": balanced_brier(p, yv), "val_loss": loss, "val_accuracy": float(np.mean((p >= 0.5) == yv)),
+            "val_mcc": _mcc(p >= 0.5, yv), "val_p": p}
+
+
+def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
+                      candidates: Sequence[Candidate], indices: Sequence[int], *, class_weighting: bool
+                      ) -> dict[int, dict[str, Any]]:
+    """Linear heads as L2-regularised (class-weighted) logistic regressions on the standardised
+    features, solved by scikit-learn's L-BFGS along the C path (warm starts), then copied into a
+    LinearHead: logits (0, w.z + b) give softmax p(roadwork) = sigmoid(w.z + b)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    head = HeadConfig(kind="linear")
+    val_weights = class_weights_from_labels(yv)
+    out: dict[int, dict[str, Any]] = {}
+    by_view: dict[FeatureView, list[int]] = {}
+    for i in indices:
+        by_view.setdefault(candidates[i].view, []).append(i)
+    for view, members in by_view.items():
+        model = build_head(head, int(xt.shape[1]), kind="linear", view=view)
+        model.norm.set_stats(xt)
+        with torch.no_grad():
+            z = model.norm(xt).double().numpy()
+        solver = LogisticRegression(class_weight="balanced" if class_weighting else None, max_iter=2000,
+                                    warm_start=True)
+        for i in sorted(members, key=lambda j: candidates[j].c):
+            solver.set_params(C=candidates[i].c)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # the val score judges the result
+                solver.fit(z, yt)
+            w = torch.as_tensor(solver.coef_[0], dtype=torch.float32)
+            b = float(solver.intercept_[0])
+            with torch.no_grad():
+                model.fc.weight.copy_(torch.stack([-w / 2, w / 2]))
+                model.fc.bias.copy_(torch.tensor([-b / 2, b / 2]))
+            model.eval()
+            row = {"epoch": 0, "step": int(solver.n_iter_[0]), **_score(model, head, "linear", xv, yv, val_weights)}
+            val_p = row.pop("val_p")
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            out[i] = {"score": row["val_brier"], "epoch": 0, "state": state, "row": row, "history": [row],
+                      "val_p": val_p}
+    return out
+
+
+def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
+               candidates: Sequence[Candidate], indices: Sequence[int], *, head: HeadConfig,
+               config: TrainConfig, log_fn: LogFn) -> dict[int, dict[str, Any]]:
+    """The AdamW candidates trained side by side: the same shuffled batches, one parameter group per
+    candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA over all.
+
+    After every epoch each candidate's EMA weights are scored on val; a candidate stops after
+    `config.patience` eligible epochs without a better score, the loop when all have stopped (a
+    stopped candidate's parameters get no gradient, so AdamW skips them). Epochs that end inside the
+    LR warmup are not eligible: a half-warmed-up model cannot win because later epochs looked worse.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from timm.scheduler import CosineLRScheduler
     from timm.utils import ModelEmaV3
 
-    _check_inputs("train", train_x, train_y)
-    _check_inputs("val", val_x, val_y)
     set_seed(config.seed)
     accelerator = Accelerator()
     device = accelerator.device
-
-    xt = torch.as_tensor(train_x, dtype=torch.float32)
-    yt = torch.as_tensor(train_y, dtype=torch.long)
-    xv = torch.as_tensor(val_x, dtype=torch.float32, device=device)
-    yv = torch.as_tensor(val_y, dtype=torch.long, device=device)
-
-    model = build_head(head, xt.shape[1])
-    model.norm.set_stats(xt)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loader = DataLoader(
-        TensorDataset(xt, yt), batch_size=config.batch_size, shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    heads = nn.ModuleList([build_head(head, int(xt.shape[1]), kind=candidates[i].kind, view=candidates[i].view)
+                           for i in indices])
+    for module in heads:
+        module.norm.set_stats(xt)
+    optimizer = torch.optim.AdamW([
+        {"params": list(m.parameters()), "lr": candidates[i].lr, "weight_decay": candidates[i].weight_decay}
+        for m, i in zip(heads, indices, strict=True)])
+    loader = DataLoader(TensorDataset(xt, torch.as_tensor(yt, dtype=torch.long)), batch_size=config.batch_size,
+                        shuffle=True, generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = len(loader)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=total_steps, lr_min=config.min_lr,
-        warmup_t=int(round(config.warmup_epochs * steps_per_epoch)), warmup_lr_init=config.lr * 0.01,
-        t_in_epochs=False,
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ema = (
-        ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay, use_warmup=config.ema_warmup)
-        if config.ema_decay > 0 else None
-    )
-    train_weights = class_weights_from_labels(train_y).to(device) if config.class_weighting else None
-    val_weights = class_weights_from_labels(val_y).to(device)
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
+                                  warmup_t=warmup_steps, warmup_lr_init=config.min_lr, t_in_epochs=False)
+    heads, optimizer, loader = accelerator.prepare(heads, optimizer, loader)
+    plain = accelerator.unwrap_model(heads)
+    ema = ModelEmaV3(plain, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay > 0 else None
+    train_weights = class_weights_from_labels(yt).to(device) if config.class_weighting else None
+    val_weights = class_weights_from_labels(yv).to(device)
+    xv = xv.to(device)
 
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state, stale, step = float("inf"), -1, None, 0, 0
+    n = len(indices)
+    kinds = [candidates[i].kind for i in indices]
+    active, stale = [True] * n, [0] * n
+    best: list[dict[str, Any]] = [
+        {"score": float("inf"), "epoch": -1, "state": None, "row": None, "history": [], "val_p": None}
+        for _ in range(n)]
+    step = 0
     for epoch in range(config.epochs):
-        model.train()
-        running, seen = 0.0, 0
+        plain.train()
+        running, seen = np.zeros(n), 0
         for xb, yb in loader:
-            loss = head_loss(model, head, xb, yb, class_weights=train_weights,
-                             label_smoothing=config.label_smoothing, loss=config.loss, fn_cost=config.fn_cost)
-            accelerator.backward(loss)
+            losses = [head_loss(plain[j], head, xb, yb, class_weights=train_weights, kind=kinds[j],
+                                label_smoothing=config.label_smoothing, loss=config.loss, fn_cost=config.fn_cost)
+                      if active[j] else None for j in range(n)]
+            accelerator.backward(torch.stack([v for v in losses if v is not None]).sum())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             scheduler.step_update(step)
             if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=step)
-            running += float(loss.detach()) * len(yb)
+                ema.update(plain, step=step)
+            running += np.array([0.0 if v is None else float(v.detach()) for v in losses]) * len(yb)
             seen += len(yb)
-        judged = ema.module if ema is not None else accelerator.unwrap_model(model)
+        judged = ema.module if ema is not None else plain
         judged.eval()
-        with torch.no_grad():
-            val_logits = judged(xv)
-            val_loss = float(head_loss(judged, head, xv, yv, class_weights=val_weights))
-            val_acc = float((val_logits.argmax(-1) == yv).float().mean())
-        row = {
-            "epoch": epoch, "step": step, "train_loss": running / seen, "val_loss": val_loss,
-            "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(row)
-        log_fn({k: v for k, v in row.items() if k not in ("epoch", "step")}, epoch)
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in judged.state_dict().items()})
-        else:
-            stale += 1
-            if stale >= config.patience:
-                log.info("early stop at epoch %d (best %d, val_loss %.4f)", epoch, best_epoch, best_loss)
-                break
-
-    final = build_head(head, xt.shape[1])
-    final.load_state_dict(best_state)
-    final.eval()
+        eligible = step >= warmup_steps or epoch == config.epochs - 1
+        for j in (j for j in range(n) if active[j]):
+            row = {"epoch": epoch, "step": step, "train_loss": running[j] / seen,
+                   "lr": optimizer.param_groups[j]["lr"], **_score(judged[j], head, kinds[j], xv, yv, val_weights)}
+            val_p = row.pop("val_p")
+            best[j]["history"].append(row)
+            if not eligible:
+                continue
+            if row["val_brier"] < best[j]["score"] - 1e-9:
+                state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
+                best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
+                stale[j] = 0
+            else:
+                stale[j] += 1
+                active[j] = stale[j] < config.patience
+        leader = min(range(n), key=lambda j: best[j]["score"])
+        if best[leader]["row"] is not None:
+            log_fn({"candidates_active": float(sum(active)), "best_val_brier": best[leader]["score"],
+                    "best_val_accuracy": best[leader]["row"]["val_accuracy"]}, epoch)
+        if not any(active):
+            break
     accelerator.free_memory()
-    return TrainedHead(model=final, head=head, in_dim=int(xt.shape[1]), history=history, best_epoch=best_epoch)
+    return dict(zip(indices, best, strict=True))
+
+
+def _mcc(pred: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import matthews_corrcoef
+
+    return float(matthews_corrcoef(y, pred.astype(np.int64)))
 
 
 def head_outputs(model: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
@@ -244,11 +488,13 @@ def save_head(directory: str | Path, trained: TrainedHead, *, extra: dict[str, A
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    view = trained.view or FeatureView("all", 0, trained.in_dim)
     with atomic_dir(directory, replace=True) as tmp:
         save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, str(tmp / HEAD_WEIGHTS))
         meta = {
-            "head": dataclasses.asdict(trained.head), "in_dim": trained.in_dim, "history": trained.history,
-            "best_epoch": trained.best_epoch, **(extra or {}),
+            "head": dataclasses.asdict(trained.head), "kind": trained.kind, "in_dim": trained.in_dim,
+            "view": dataclasses.asdict(view), "history": trained.history, "best_epoch": trained.best_epoch,
+            "grid": trained.grid, "criterion": trained.criterion, **(extra or {}),
         }
         (tmp / HEAD_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return sha256_file(directory / HEAD_WEIGHTS)
@@ -260,13 +506,17 @@ def load_head(directory: str | Path) -> TrainedHead:
     directory = Path(directory)
     meta = json.loads((directory / HEAD_META).read_text())
     head = HeadConfig(**meta["head"])
-    model = build_head(head, meta["in_dim"])
+    # heads written before selection existed name their kind in the config and read every column
+    kind = meta.get("kind", head.kind)
+    view = FeatureView(**meta["view"]) if "view" in meta else FeatureView("all", 0, meta["in_dim"])
+    model = build_head(head, meta["in_dim"], kind=kind, view=view)
     model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
     model.eval()
     return TrainedHead(model=model, head=head, in_dim=meta["in_dim"], history=meta["history"],
-                       best_epoch=meta["best_epoch"])
+                       best_epoch=meta["best_epoch"], kind=kind, view=view, grid=meta.get("grid", []),
+                       criterion=meta.get("criterion", ""))
 
 
 def head_fingerprint(features_fingerprint: str, split_fingerprint: str, head: HeadConfig,
-                     config: TrainConfig) -> str:
-    return fingerprint("head", features_fingerprint, split_fingerprint, head, config)
+                     config: TrainConfig, selection: SelectionConfig, *, needs_gate: bool = False) -> str:
+    return fingerprint("head", features_fingerprint, split_fingerprint, head, config, selection, needs_gate)

@@ -16,8 +16,11 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
+from stage1core.baselines import BaselineConfig, compare_with_baselines
+from stage1core.baselines import score_baselines as fit_and_score_baselines
 from stage1core.bundle import BundleInfo
 from stage1core.bundle import export_bundle as write_bundle
+from stage1core.card import model_card as write_model_card
 from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
 from stage1core.evaluation import evaluate_policy
 from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore, feature_precision
@@ -25,13 +28,13 @@ from stage1core.features import extract_features as embed_samples
 from stage1core.finetune import export_adapter_files
 from stage1core.fingerprint import fingerprint, sha256_file
 from stage1core.guarantees import GuaranteeConfig
-from stage1core.heads import HeadConfig
+from stage1core.heads import HeadConfig, feature_views
 from stage1core.home import home_path
 from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
 from stage1core.sources import DataError, SourceConfig, load_sources
 from stage1core.splits import SplitConfig, make_splits, read_split_manifest, split_counts, write_split_manifest
 from stage1core.storage import atomic_write_json
-from stage1core.train import TrainConfig, head_fingerprint, head_outputs, load_head, save_head
+from stage1core.train import SelectionConfig, TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
 
 from .caching import OutputCache
@@ -58,6 +61,10 @@ class HeadRef:
     in_dim: int
     best_epoch: int
     epochs_run: int
+    kind: str = "mlp"  # the concrete kind of the chosen head
+    chosen: str = ""  # the chosen grid point, e.g. "linear C=0.1 view=all"
+    n_candidates: int = 1  # heads trained by head selection
+    criterion: str = ""  # how the head was chosen
 
 
 @dataclass(frozen=True)
@@ -215,28 +222,87 @@ def split_arrays(split: SplitRef, feats: FeatureSetInfo, names: tuple[str, ...]
 
 HEAD_CACHE = OutputCache(
     "fit_head",
-    lambda p: head_fingerprint(p["feats"].fingerprint, p["split"].fingerprint, p["head"], p["train"]),
+    lambda p: head_fingerprint(p["feats"].fingerprint, p["split"].fingerprint, p["head"], p["train"], p["selection"],
+                               needs_gate=p.get("needs_gate", False)),
 )
 
 
 @task(name="fit_head", cache_key_fn=HEAD_CACHE, persist_result=True)
-def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: TrainConfig) -> HeadRef:
-    """Train the head on cached train features, early-stopping on val."""
+def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: TrainConfig,
+             selection: SelectionConfig = SelectionConfig(), needs_gate: bool = False) -> HeadRef:
+    """Train the head grid on cached train features and keep the best on val (one head when
+    selection is off); the grid and the choice are saved in head.json."""
     logger = get_run_logger()
     arrays = split_arrays(split, feats, ("train", "val"))
     (_, xt, yt), (_, xv, yv) = arrays["train"], arrays["val"]
+    views = feature_views(FeatureStore(feats.store_dir).meta["backbone"]["pooling"], feats.dim)
 
     def log_epoch(metrics: dict[str, float], epoch: int) -> None:
         logger.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
-    trained = train_head(xt, yt, xv, yv, head=head, config=train, log_fn=log_epoch)
-    fp = head_fingerprint(feats.fingerprint, split.fingerprint, head, train)
+    trained = train_head(xt, yt, xv, yv, head=head, config=train, selection=selection, views=views,
+                         needs_gate=needs_gate, log_fn=log_epoch)
+    chosen = next(row for row in trained.grid if row["chosen"])
+    fp = head_fingerprint(feats.fingerprint, split.fingerprint, head, train, selection, needs_gate=needs_gate)
     path = home_path("heads") / fp[:24]
     sha = save_head(path, trained, extra={"fingerprint": fp, "features": feats.fingerprint,
-                                          "split": split.fingerprint, "train": dataclasses.asdict(train)})
-    HEAD_CACHE.remember({"split": split, "feats": feats, "head": head, "train": train}, [path])
+                                          "split": split.fingerprint, "train": dataclasses.asdict(train),
+                                          "selection": dataclasses.asdict(selection)})
+    label = grid_point_label(chosen)
+    if len(trained.grid) > 1:
+        logger.info("head selection: %s chosen of %d candidates (val Brier %.4f, val accuracy %.4f, epoch %d)",
+                    label, len(trained.grid), chosen["val_brier"], chosen["val_accuracy"], trained.best_epoch)
+    HEAD_CACHE.remember({"split": split, "feats": feats, "head": head, "train": train, "selection": selection,
+                         "needs_gate": needs_gate}, [path])
     return HeadRef(path=str(path), fingerprint=fp, weights_sha256=sha, in_dim=trained.in_dim,
-                   best_epoch=trained.best_epoch, epochs_run=len(trained.history))
+                   best_epoch=trained.best_epoch, epochs_run=len(trained.history), kind=trained.kind,
+                   chosen=label, n_candidates=len(trained.grid), criterion=trained.criterion)
+
+
+def grid_point_label(row: dict[str, Any]) -> str:
+    """`mlp lr=0.001 wd=0.05 view=all` or `linear C=0.1 view=all` for a row of the head grid."""
+    knobs = f"C={row['c']:g}" if row.get("c") is not None else f"lr={row['lr']:g} wd={row['weight_decay']:g}"
+    return f"{row['kind']} {knobs} view={row['view']}"
+
+
+def head_grid_rows(head: HeadRef) -> list[dict[str, Any]]:
+    """The head grid saved beside the chosen head's weights."""
+    return json.loads((Path(head.path) / "head.json").read_text()).get("grid", [])
+
+
+BASELINE_CACHE = OutputCache(
+    "score_baselines",
+    lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["config"], p["evaluation"].fingerprint),
+)
+
+
+@task(name="score_baselines", cache_key_fn=BASELINE_CACHE, persist_result=True)
+def score_baselines(split: SplitRef, feats: FeatureSetInfo, config: BaselineConfig,
+                    evaluation: EvalRef) -> dict[str, Any] | None:
+    """Logistic regression and cosine kNN on the same features and split, scored on test next to the
+    head; says loudly when the head loses to the best of them by more than the margin."""
+    if not config.enabled:
+        return None
+    logger = _logger()
+    arrays = split_arrays(split, feats, ("train", "test"))
+    (_, xt, yt), (_, xs, ys) = arrays["train"], arrays["test"]
+    scores = {name: _json_safe(m) for name, m in fit_and_score_baselines(xt, yt, xs, ys, config).items()}
+    comparison = compare_with_baselines(evaluation.metrics, scores, margin=config.margin)
+    result = {"baselines": scores, "comparison": comparison, "head": {
+        k: evaluation.metrics.get(k) for k in ("accuracy_at_0.5", "mcc_at_0.5", "auroc", "brier")}}
+    key = fingerprint(split.fingerprint, feats.fingerprint, config, evaluation.fingerprint)
+    path = home_path("evaluations", "baselines") / f"{key[:24]}.json"
+    atomic_write_json(path, result)
+    for name, m in scores.items():
+        logger.info("baseline %s (%s): test accuracy %.4f, MCC %.4f, AUROC %.4f at p >= 0.5", name, m["chosen"],
+                    m["accuracy_at_0.5"], m["mcc_at_0.5"], m["auroc"])
+    if comparison["loses"]:
+        logger.warning("HEAD LOSES TO A BASELINE: %s. This version is tagged quality=loses_to_baseline and "
+                       "retrain will not promote it; try other head settings or more data.", comparison["verdict"])
+    else:
+        logger.info("%s", comparison["verdict"])
+    BASELINE_CACHE.remember({"split": split, "feats": feats, "config": config, "evaluation": evaluation}, [path])
+    return result
 
 
 def _outputs(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, names: tuple[str, ...]
@@ -306,88 +372,42 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def model_card(*, name: str, spec: BackboneSpec, split: SplitRef, metrics: dict[str, Any],
-               policy_files: dict[str, dict[str, Any]], head: HeadRef, head_config: HeadConfig) -> str:
-    thresholds = policy_files["thresholds.json"]
-    counts = split.counts
-    rows = "\n".join(
-        f"| {s} | {c.get('0', 0)} | {c.get('1', 0)} | {c.get('total', 0)} |" for s, c in counts.items()
-    )
-    stand_in = ""
-    if "dinov3" not in spec.name:
-        stand_in = (f"\n> The backbone `{spec.name}` stands in for DINOv3 (demo or test run); production "
-                    "bundles use a DINOv3 backbone.\n")
-    if spec.weights_kind == "random":
-        stand_in += "\n> **Random-init backbone**: features carry no pretrained knowledge (baseline/test only).\n"
-
-    def fmt(key: str) -> str:
-        v = metrics.get(key)
-        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    return f"""# {name}: roadwork classifier bundle
-{stand_in}
-## Model
-- Backbone: `{spec.name}` (weights: {spec.weights_kind}, sha256 `{(spec.weights_sha256 or 'none')[:16]}`),
-  frozen, pooling `{spec.pooling}`, fingerprint `{spec.fingerprint[:16]}`
-- Head: `{head_config.kind}` on {head.in_dim}-d features, best epoch {head.best_epoch} of {head.epochs_run}
-
-## Data
-Data fingerprint `{split.data_fingerprint[:16]}`, split manifest `{split.fingerprint[:16]}`,
-{split.n_samples} unique images ({split.duplicates} duplicates collapsed, {split.quarantined} quarantined).
-
-| split | no roadwork | roadwork | total |
-|---|---|---|---|
-{rows}
-
-## Decision rule and guarantee
-Predict roadwork iff p(roadwork) >= {thresholds['threshold']:.6f}. Chosen on the calib split as the
-{thresholds['k']}-th smallest of {thresholds['n_positives']} positive scores, so that
-P(FNR <= {thresholds['alpha']}) >= 1 - {thresholds['delta']} over calib draws (bound
-{thresholds['violation_bound']:.4f}); see docs/guarantees.md.
-
-Active policy: **{metrics.get('policy')}** (coverage on test {fmt('coverage')}, FNR among accepted
-{fmt('selective_fnr')}); reported probabilities are calibrated with `{metrics.get('calibrator')}`
-(test ECE {fmt('calibration/raw/ece')} before, {fmt('calibration/temperature/ece')} temperature,
-{fmt('calibration/dirichlet/ece')} Dirichlet).
-
-## Test metrics (threshold above)
-accuracy {fmt('accuracy')}, MCC {fmt('mcc')}, AUROC {fmt('auroc')}, FNR {fmt('fnr')}, FPR {fmt('fpr')},
-ECE {fmt('ece')} (top-label, 15 equal-width bins), NLL {fmt('nll')}, Brier {fmt('brier')};
-at 0.5: accuracy {fmt('accuracy_at_0.5')}, MCC {fmt('mcc_at_0.5')}.
-
-## Known limits
-The FNR guarantee holds for data distributed like the calib split; a shift in cameras, regions or
-seasons voids it until recalibrated. Test metrics come from {counts.get('test', {}).get('total', 0)} images.
-"""
-
-
 EXPORT_CACHE = OutputCache(
     "export_bundle",
     lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
                p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
-               p["head_config"], p.get("adapter_dir") is not None, p.get("merge_adapters", False)),
+               p.get("baselines"), p.get("backbone_mode", "frozen"), p.get("adapter_dir") is not None,
+               p.get("merge_adapters", False)),
 )
 
 
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
-def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef, head_config: HeadConfig,
-                  policy_files: dict[str, dict[str, Any]], evaluation: EvalRef,
-                  backbone: BackboneConfig, adapter_dir: str | None = None,
-                  merge_adapters: bool = False) -> BundleInfo:
+def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
+                  policy_files: dict[str, dict[str, Any]], evaluation: EvalRef, backbone: BackboneConfig,
+                  baselines: dict[str, Any] | None = None, backbone_mode: str = "frozen",
+                  adapter_dir: str | None = None, merge_adapters: bool = False) -> BundleInfo:
     """Write the bundle under $STAGE1_HOME/bundles. With `adapter_dir` (a fine-tuning run), the
-    adapters go in beside the head, or folded into backbone.safetensors when `merge_adapters`."""
+    adapters go in beside the head, or folded into backbone.safetensors when `merge_adapters`. The
+    baselines' scores go in as baselines.json and into the model card."""
     store_meta = FeatureStore(feats.store_dir).meta
     spec = BackboneSpec.from_json(store_meta["backbone"])
     preprocessing = {**store_meta["preprocessing"], "precision": store_meta["precision"]}
     eval_dir = Path(evaluation.path)
+    card = write_model_card(
+        name=name, spec=spec, backbone_mode=backbone_mode, counts=split.counts, metrics=evaluation.metrics,
+        policy_files=policy_files, baselines=baselines,
+        data={"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
+              "n_samples": split.n_samples, "duplicates": split.duplicates, "quarantined": split.quarantined,
+              "n_groups": getattr(split, "n_groups", None), "largest_group": getattr(split, "largest_group", None)},
+        head={"kind": head.kind, "in_dim": head.in_dim, "best_epoch": head.best_epoch, "epochs_run": head.epochs_run,
+              "chosen": head.chosen, "n_candidates": head.n_candidates, "criterion": head.criterion})
     info = write_bundle(
         home_path("bundles"), name=name, backbone=spec, preprocessing=preprocessing, head_dir=head.path,
-        policy_files=policy_files, metrics=evaluation.metrics,
-        model_card=model_card(name=name, spec=spec, split=split, metrics=evaluation.metrics,
-                              policy_files=policy_files, head=head, head_config=head_config),
+        policy_files=policy_files, metrics=evaluation.metrics, model_card=card,
         inputs={"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
                 "features_fingerprint": feats.fingerprint, "head_fingerprint": head.fingerprint,
                 "split_manifest_sha256": sha256_file(split.path)},
+        json_files={"baselines.json": baselines} if baselines else None,
         files={"plots/fnr_fpr.png": eval_dir / "fnr_fpr.png",
                "plots/reliability.png": eval_dir / "reliability.png",
                "plots/risk_coverage.png": eval_dir / "risk_coverage.png",
@@ -397,6 +417,6 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
     get_run_logger().info("bundle %s", info.path)
     EXPORT_CACHE.remember(
         {"name": name, "split": split, "feats": feats, "head": head, "policy_files": policy_files,
-         "evaluation": evaluation, "backbone": backbone, "head_config": head_config, "adapter_dir": adapter_dir,
-         "merge_adapters": merge_adapters}, [info.path])
+         "evaluation": evaluation, "backbone": backbone, "baselines": baselines, "backbone_mode": backbone_mode,
+         "adapter_dir": adapter_dir, "merge_adapters": merge_adapters}, [info.path])
     return info

@@ -361,6 +361,7 @@ def compare_with_champion(*, model_name: str, challenger_version: str, split_man
     }
     report["challenger_metrics"]["threshold"] = thresholds["threshold"]
     floor_problems = check_floor(challenger_metrics, config.floor, alpha=guarantee.alpha)
+    floor_problems += baseline_problems(challenger_dir)
     if champion_mv is not None and str(champion_mv.version) == str(challenger_version):
         report.update(decision="keep", reason="the challenger is the champion's bundle (no new data or settings)")
         return report
@@ -466,7 +467,16 @@ def record_comparison(report: dict[str, Any], *, mlflow_run_id: str) -> None:
                           description=f"challenger v{version} vs champion on the same test split")
 
 
+def baseline_problems(bundle_dir: Path) -> list[str]:
+    """A bundle whose head lost to a baseline on its own test split is never promoted."""
+    path = Path(bundle_dir) / "baselines.json"
+    if not path.exists():
+        return []
+    comparison = json.loads(path.read_text())["comparison"]
+    return [comparison["verdict"]] if comparison["loses"] else []
+
+
 def floor_report(bundle_dir: Path, floor: MetricFloor) -> tuple[dict[str, Any], list[str]]:
     metrics = json.loads((bundle_dir / "metrics.json").read_text())
     alpha = json.loads((bundle_dir / "thresholds.json").read_text())["alpha"]
-    return metrics, check_floor(metrics, floor, alpha=alpha)
+    return metrics, check_floor(metrics, floor, alpha=alpha) + baseline_problems(bundle_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,41 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def baseline_rows(judged: dict[str, Any] | None) -> list[dict[str, str]]:
+    """Head and baselines side by side on the test split, at p >= 0.5."""
+    if not judged:
+        return []
+    rows = [{"model": "head", **{k: _fmt(judged["head"].get(k)) for k in BASELINE_KEYS}, "chosen": ""}]
+    for name, m in judged["baselines"].items():
+        rows.append({"model": name, **{k: _fmt(m.get(k)) for k in BASELINE_KEYS}, "chosen": m["chosen"]})
+    return rows
+
+
+BASELINE_KEYS = ("accuracy_at_0.5", "mcc_at_0.5", "auroc", "brier")
+
+
+def _quality_markdown(head: Any, judged: dict[str, Any] | None) -> str:
+    lines = []
+    if head is not None and head.n_candidates > 1:
+        lines.append(f"**Head selection**: `{head.chosen}` chosen of {head.n_candidates} candidates "
+                     f"(epoch {head.best_epoch}; {head.criterion}).")
+    elif head is not None:
+        lines.append(f"**Head**: `{head.kind}`, chosen epoch {head.best_epoch} of {head.epochs_run}.")
+    if judged:
+        verdict = judged["comparison"]["verdict"]
+        lines.append(f"**⚠ {verdict.upper()}** — tagged `quality=loses_to_baseline`; `retrain` will not promote it."
+                     if judged["comparison"]["loses"] else f"**Baselines**: {verdict}.")
+        table = ["| model | accuracy | MCC | AUROC | Brier | chosen |", "|---|---|---|---|---|---|"]
+        table += [f"| {r['model']} | {r['accuracy_at_0.5']} | {r['mcc_at_0.5']} | {r['auroc']} | {r['brier']} | "
+                  f"{r['chosen']} |" for r in baseline_rows(judged)]
+        lines.append("\n".join(table))
+    return "\n\n".join(lines)
+
+
 @task(name="publish_reports")
 def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bundle_path: str,
-                    mlflow_run: dict[str, str], registered: dict[str, str] | None, counts: dict[str, Any]) -> None:
+                    mlflow_run: dict[str, str], registered: dict[str, str] | None, counts: dict[str, Any],
+                    head: Any = None, baselines: dict[str, Any] | None = None) -> None:
     rows = [{"metric": k, "test": _fmt(metrics.get(k))} for k in METRIC_ORDER if k in metrics]
     create_table_artifact(key="test-metrics", table=rows,
                           description="Test-split metrics at the guaranteed threshold")
@@ -50,12 +83,21 @@ def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bund
 **Test**: MCC {_fmt(metrics.get('mcc'))}, accuracy {_fmt(metrics.get('accuracy'))}, AUROC {_fmt(metrics.get('auroc'))},
 FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metrics.get('ece'))}.
 
+{_quality_markdown(head, baselines)}
+
 - **Bundle** `{bundle_path}`
 - **Model** {version}
 - **MLflow run** [{mlflow_run['run_id']}]({mlflow_run['url']})
 """,
         description="stage1 training run",
     )
+    if baselines:
+        create_table_artifact(key="head-vs-baselines", table=baseline_rows(baselines),
+                              description="The head and the baselines on the same features and test split, at p >= 0.5")
+    if head is not None and head.n_candidates > 1:
+        grid = json.loads((Path(head.path) / "head.json").read_text()).get("grid", [])
+        create_table_artifact(key="head-selection", table=[{k: _fmt(v) for k, v in row.items()} for row in grid],
+                              description=f"Head grid on val; chosen: {head.chosen}")
     plots = []
     for name in PLOTS:
         path = Path(bundle_path) / "plots" / name

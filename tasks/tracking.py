@@ -123,6 +123,45 @@ def log_results(run_id: str, metrics: dict[str, Any], bundle: BundleInfo) -> Non
         mc.log_artifact(run_id, str(png), artifact_path="plots")
 
 
+@task(name="log_baselines_and_selection")
+def log_baselines_and_selection(run_id: str, head: Any, judged: dict[str, Any] | None) -> dict[str, str]:
+    """The head grid as a table artifact (selection/grid.json) with the choice as tags, the baselines
+    as `baseline/<name>/<metric>` metrics beside the head's `test/...` ones, and the verdict as tags.
+    Returns the tags that also go on the registered model version."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mc = client()
+    tags = {"selection.chosen": head.chosen or head.kind, "selection.candidates": str(head.n_candidates)}
+    grid_file = Path(head.path) / "head.json"
+    grid = json.loads(grid_file.read_text()).get("grid", []) if grid_file.exists() else []
+    if grid:
+        columns = sorted({k for row in grid for k in row})
+        mc.log_table(run_id, data={c: [row.get(c) for row in grid] for c in columns},
+                     artifact_file="selection/grid.json")
+    if judged:
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"baseline/{name}/{key}", float(value), now, 0)
+                   for name, m in judged["baselines"].items() for key, value in m.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        for key, gap in judged["comparison"]["gaps"].items():
+            metrics.append(Metric(f"baseline/gap_to_best/{key}", gap["gap"], now, 0))
+        mc.log_batch(run_id, metrics=metrics)
+        loses = judged["comparison"]["loses"]
+        tags.update({"quality": "loses_to_baseline" if loses else "ok",
+                     "baseline.verdict": judged["comparison"]["verdict"][:4000],
+                     "baseline.margin": str(judged["comparison"]["margin"])})
+        for name, m in judged["baselines"].items():
+            for key in ("accuracy_at_0.5", "mcc_at_0.5"):
+                tags[f"baseline.{name}.{key}"] = f"{m[key]:.4f}"
+        for key in ("accuracy_at_0.5", "mcc_at_0.5"):
+            tags[f"head.{key}"] = f"{judged['head'][key]:.4f}"
+    for key, value in tags.items():
+        mc.set_tag(run_id, key, value)
+    return tags
+
+
 def _input_example() -> Any:
     import io
 

@@ -75,8 +75,10 @@ def test_pipeline_registers_a_valid_bundle(first_run, tiny_demo):
     assert run.data.tags["prefect.flow_run_id"] == result["flow_run_id"]
     assert run.data.tags["data_fingerprint"] == manifest["inputs"]["data_fingerprint"]
     assert "test/mcc" in run.data.metrics and run.data.params["backbone.name"] == "vit_small_patch16_dinov3"
-    history = client.get_metric_history(result["mlflow_run_id"], "train/val_loss")
-    assert len(history) >= 2 and sorted(m.step for m in history) == list(range(len(history)))
+    history = client.get_metric_history(result["mlflow_run_id"], "train/val_brier")
+    epochs = json.loads((Path(result["bundle_path"]) / "head.json").read_text())["history"]  # of the chosen head
+    assert sorted(m.step for m in history) == [row["epoch"] for row in epochs]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([r["val_brier"] for r in epochs])
     artifacts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "bundle")}
     assert "bundle/manifest.json" in artifacts and "bundle/head.safetensors" in artifacts
 
@@ -100,12 +102,51 @@ def test_pipeline_registers_a_valid_bundle(first_run, tiny_demo):
     assert out["p_roadwork"][0] == pytest.approx(preds["p_roadwork"][0], abs=1e-5)
 
 
+def test_run_shows_head_selection_and_baselines_everywhere(first_run):
+    from mlflow.tracking import MlflowClient
+
+    result = first_run
+    bundle = Path(result["bundle_path"])
+    head_meta = json.loads((bundle / "head.json").read_text())
+    grid = head_meta["grid"]
+    # cls+avg features: linear and mlp heads on each of the three views
+    assert {(r["kind"], r["view"]) for r in grid} == {(k, v) for k in ("linear", "mlp") for v in ("all", "cls", "avg")}
+    chosen = [r for r in grid if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["kind"] == result["head"]["kind"] == head_meta["kind"]
+    assert result["head"]["n_candidates"] == len(grid)
+
+    judged = json.loads((bundle / "baselines.json").read_text())
+    assert set(judged["baselines"]) == {"logistic", "knn"}
+    assert judged["head"]["accuracy_at_0.5"] == pytest.approx(result["metrics"]["accuracy_at_0.5"])
+    card = (bundle / "model_card.md").read_text()
+    assert result["head"]["chosen"] in card and "## Head vs baselines" in card
+    assert "| logistic |" in card and "| knn |" in card and "one standard error" in card
+
+    client = MlflowClient()
+    run = client.get_run(result["mlflow_run_id"])
+    for name in ("logistic", "knn"):
+        for key in ("accuracy_at_0.5", "mcc_at_0.5", "auroc"):
+            assert run.data.metrics[f"baseline/{name}/{key}"] == pytest.approx(judged["baselines"][name][key])
+    assert "selection/grid.json" in {a.path for a in client.list_artifacts(result["mlflow_run_id"], "selection")}
+    version = client.get_model_version("stage1-flow-test", result["registered"]["version"])
+    expected = "loses_to_baseline" if judged["comparison"]["loses"] else "ok"
+    assert version.tags["quality"] == run.data.tags["quality"] == expected
+    assert version.tags["selection.chosen"] == result["head"]["chosen"]
+    assert version.tags["baseline.logistic.mcc_at_0.5"] == f"{judged['baselines']['logistic']['mcc_at_0.5']:.4f}"
+
+    from tests.test_operations import artifacts_of
+
+    artifacts = artifacts_of(result["flow_run_id"])
+    assert {"head-vs-baselines", "head-selection", "run-summary"} <= set(artifacts)
+    assert "Head selection" in artifacts["run-summary"].data and "| logistic |" in artifacts["run-summary"].data
+
+
 def test_second_run_is_served_from_cache(first_run, tiny_demo):
     from flows.train_pipeline import train_pipeline
 
     second = train_pipeline(**params(tiny_demo))
     states = task_states(second["flow_run_id"])
-    for name in ("extract_features", "fit_head", "calibrate", "evaluate_test", "export_bundle"):
+    for name in ("extract_features", "fit_head", "calibrate", "evaluate_test", "score_baselines", "export_bundle"):
         assert states[name] == "Cached", (name, states)
     assert states["build_splits"] == "Completed"
     assert second["bundle_fingerprint"] == first_run["bundle_fingerprint"]
@@ -177,8 +218,10 @@ def test_parameters_render_as_a_typed_form_and_validate():
     from flows.train_pipeline import train_pipeline
 
     schema = parameter_schema(train_pipeline.fn).model_dump()
-    assert {"sources", "splits", "backbone", "features", "head", "train", "guarantee", "policy", "registry"} <= set(
-        schema["properties"])
+    assert {"sources", "splits", "backbone", "features", "head", "train", "selection", "baselines", "guarantee",
+            "policy", "registry"} <= set(schema["properties"])
+    assert schema["definitions"]["SelectionConfig"]["properties"]["enabled"]["default"] is True
+    assert schema["definitions"]["HeadConfig"]["properties"]["kind"]["enum"] == ["auto", "mlp", "linear", "selective"]
     backbone = schema["definitions"]["BackboneConfig"]["properties"]
     assert backbone["pooling"]["enum"] == ["cls", "avg", "cls+avg"]
     assert schema["definitions"]["GuaranteeConfig"]["properties"]["alpha"]["default"] == 0.02
@@ -219,7 +262,11 @@ def test_dora_backbone_mode_shares_the_rest_of_the_pipeline(prefect_server, tiny
     assert ("adapter.safetensors" in manifest["files"]) == (not merge)
     states = task_states(result["flow_run_id"])
     assert {"fit_backbone", "extract_adapted_features", "calibrate", "evaluate_test", "export_bundle"} <= set(states)
-    assert "fit_head" not in states and "extract_features" not in states
+    assert "fit_head" not in states
+    # the baselines probe the frozen backbone: its features are extracted (cached) for them
+    assert {states["extract_features"], states["score_baselines"]} <= {"Completed", "Cached"}
+    assert set(json.loads((Path(result["bundle_path"]) / "baselines.json").read_text())["baselines"]) == {
+        "logistic", "knn"}
 
     preds = json.loads((Path(result["bundle_path"]) / "test_predictions.json").read_text())
     _, splits, _ = read_split_manifest(result["split_manifest"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from stage1core.backbone import BackboneConfig
+from stage1core.baselines import BaselineConfig
 from stage1core.features import FeatureConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.sources import SourceConfig
@@ -18,6 +19,7 @@ from stage1core.train import TrainConfig
 from tasks.registry import (
     ComparisonConfig,
     MetricFloor,
+    baseline_problems,
     check_floor,
     coverage_at_fnr,
     decide,
@@ -43,6 +45,10 @@ def params(*folders, **over):
         "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
         "registry": RegistryConfig(experiment="ops-test", model_name=MODEL),
         "comparison": ComparisonConfig(n_bootstrap=500),
+        # the champion/challenger rules are tested here; on ~18 test images of random-init features a
+        # head and a baseline differ by several images by chance, so the baseline gate (tested in
+        # test_a_head_that_loses_to_a_baseline_is_never_promoted) is set out of the way
+        "baselines": BaselineConfig(margin=0.9),
     }
     base.update(over)
     return base
@@ -254,6 +260,23 @@ def test_decision_rules():
     assert not promote and "includes 0" in why
     assert check_floor({"mcc": 0.5, "auroc": 0.9, "fnr": 0.01}, MetricFloor(min_mcc=0.4), alpha=0.02) == []
     assert len(check_floor({"mcc": 0.5, "auroc": None, "fnr": 0.05}, MetricFloor(), alpha=0.02)) == 2
+
+
+def test_a_head_that_loses_to_a_baseline_is_never_promoted(tmp_path):
+    from tasks.registry import floor_report
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "metrics.json").write_text(json.dumps({"mcc": 0.9, "auroc": 0.99, "fnr": 0.01}))
+    (bundle / "thresholds.json").write_text(json.dumps({"alpha": 0.02}))
+    assert baseline_problems(bundle) == []  # bundles from before baselines existed
+    verdict = "head loses to logistic on test mcc_at_0.5: 0.6000 vs 0.7000 (margin 0.02)"
+    for loses in (False, True):
+        (bundle / "baselines.json").write_text(json.dumps({"comparison": {"loses": loses, "verdict": verdict}}))
+        _, problems = floor_report(bundle, MetricFloor())
+        assert problems == ([verdict] if loses else [])
+        promote, why = decide(None, ComparisonConfig(), floor_problems=problems)
+        assert promote is not loses and (verdict in why) is loses
 
 
 def test_model_references():

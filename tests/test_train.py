@@ -2,8 +2,21 @@ import numpy as np
 import pytest
 import torch
 
-from stage1core.heads import HeadConfig
-from stage1core.train import TrainConfig, fit_head, load_head, predict_positive, save_head
+from stage1core.heads import STANDARD_CLIP, FeatureView, HeadConfig, build_head, feature_views
+from stage1core.train import (
+    Candidate,
+    SelectionConfig,
+    TrainConfig,
+    balanced_brier,
+    fit_head,
+    head_grid,
+    load_head,
+    predict_positive,
+    save_head,
+    select_candidate,
+)
+
+ONE = SelectionConfig(enabled=False)  # one head, trained by the AdamW loop
 
 
 def blobs(n=600, d=32, seed=0, shift=2.0, pos_fraction=0.5):
@@ -21,33 +34,36 @@ FAST = TrainConfig(epochs=15, batch_size=64, patience=15, lr=5e-3)
 def test_learns_separable_data(kind):
     x, y = blobs()
     xv, yv = blobs(seed=1)
-    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind=kind), config=FAST)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind=kind), config=FAST, selection=ONE)
     acc = ((predict_positive(trained.model, xv) >= 0.5) == yv).mean()
-    assert acc > 0.9
+    assert acc > 0.9 and trained.kind == kind
     assert len(trained.history) == 15 and trained.history[-1]["train_loss"] < trained.history[0]["train_loss"]
 
 
 def test_seeded_runs_are_identical_and_seeds_differ():
     x, y = blobs()
     xv, yv = blobs(seed=1)
-    a = fit_head(x, y, xv, yv, config=FAST)
-    b = fit_head(x, y, xv, yv, config=FAST)
-    c = fit_head(x, y, xv, yv, config=TrainConfig(epochs=15, batch_size=64, patience=15, seed=1))
+    a = fit_head(x, y, xv, yv, config=FAST, selection=ONE)
+    b = fit_head(x, y, xv, yv, config=FAST, selection=ONE)
+    c = fit_head(x, y, xv, yv, config=TrainConfig(epochs=15, batch_size=64, patience=15, seed=1), selection=ONE)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
-def test_early_stopping_keeps_best_epoch():
+def test_early_stopping_keeps_best_epoch_after_warmup():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 64)).astype(np.float32)
     y = rng.integers(0, 2, 200)
     xv = rng.normal(size=(100, 64)).astype(np.float32)
-    yv = rng.integers(0, 2, 100)  # pure noise: validation loss stops improving quickly
-    trained = fit_head(x, y, xv, yv, config=TrainConfig(epochs=60, patience=3, lr=3e-3, ema_decay=0.0))
+    yv = rng.integers(0, 2, 100)  # pure noise: the nearly untrained first epoch scores best on val
+    config = TrainConfig(epochs=60, patience=3, lr=3e-3, ema_decay=0.0, warmup_epochs=2, batch_size=64)
+    trained = fit_head(x, y, xv, yv, config=config, selection=ONE)
+    scores = [h["val_brier"] for h in trained.history]
+    assert int(np.argmin(scores)) == 0  # the trap: an epoch inside the LR warmup looks best
     assert len(trained.history) < 60
-    losses = [h["val_loss"] for h in trained.history]
-    assert trained.best_epoch == int(np.argmin(losses))
+    # epoch 0 ends inside the warmup (4 steps/epoch, 8 warmup steps); epoch 1 is the first eligible
+    assert trained.best_epoch == 1 + int(np.argmin(scores[1:]))
     assert len(trained.history) == trained.best_epoch + 1 + 3
 
 
@@ -57,7 +73,7 @@ def test_class_weighting_raises_recall_of_the_rare_class():
     recall = {}
     for weighting in (False, True):
         cfg = TrainConfig(epochs=10, batch_size=64, patience=10, class_weighting=weighting, label_smoothing=0.1)
-        p = predict_positive(fit_head(x, y, xv, yv, config=cfg).model, xv)
+        p = predict_positive(fit_head(x, y, xv, yv, config=cfg, selection=ONE).model, xv)
         recall[weighting] = ((p >= 0.5) & (yv == 1)).sum() / (yv == 1).sum()
     assert recall[True] > recall[False] + 0.1
 
@@ -69,6 +85,9 @@ def test_save_and_load_round_trip(tmp_path):
     assert len(sha) == 64
     loaded = load_head(tmp_path / "head")
     np.testing.assert_array_equal(predict_positive(trained.model, x), predict_positive(loaded.model, x))
+    assert (loaded.kind, loaded.view, loaded.grid, loaded.criterion) == (
+        trained.kind, trained.view, trained.grid, trained.criterion)
+    assert sum(row["chosen"] for row in loaded.grid) == 1
 
 
 def test_bad_inputs_are_named():
@@ -87,7 +106,7 @@ def test_risk_aware_loss_trades_false_alarms_for_fewer_misses():
     fnr = {}
     for loss in ("ce", "risk_aware"):
         cfg = TrainConfig(epochs=10, batch_size=64, patience=10, lr=5e-3, loss=loss, fn_cost=5.0)
-        p = predict_positive(fit_head(x, y, xv, yv, config=cfg).model, xv)
+        p = predict_positive(fit_head(x, y, xv, yv, config=cfg, selection=ONE).model, xv)
         fnr[loss] = ((p < 0.5) & (yv == 1)).sum() / (yv == 1).sum()
     assert fnr["risk_aware"] < fnr["ce"] - 0.05
 
@@ -106,9 +125,141 @@ def test_selective_head_trains_a_gate_that_ranks_errors():
 
     x, y = mixed(1500, 6)
     xv, yv = mixed(1500, 7)
-    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="selective", target_coverage=0.6), config=FAST)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="selective", target_coverage=0.6), config=FAST,
+                       selection=ONE)
     out = head_outputs(trained.model, xv)
     correct = out["logits"].argmax(1) == yv
     gate = out["gate_logit"]
     top = gate >= np.quantile(gate, 0.5)
     assert correct[top].mean() > correct[~top].mean() + 0.05
+
+
+# ---------------------------------------------------------------------------------------------------
+# robust standardisation (real backbones have dead and near-constant feature dimensions)
+
+
+def dead_dims(n=600, seed=0):
+    """Blobs plus 4 dead dimensions (exactly constant on train) and 4 near-constant ones, whose val and
+    test values leave the train range by far more than their train spread."""
+    x, y = blobs(n=n, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    extra = np.zeros((n, 8), dtype=np.float32)
+    extra[:, 4:] = 1.0 + rng.normal(scale=1e-5, size=(n, 4))
+    return np.concatenate([x, extra], axis=1), y
+
+
+def shifted(x, seed):
+    """Val/test copies: the dead and near-constant dimensions move by 0.01 (1e3-1e4 train stds)."""
+    out = x.copy()
+    out[:, -8:] += np.random.default_rng(seed).normal(scale=0.01, size=(len(x), 8))
+    return out
+
+
+def test_standardised_features_stay_bounded_on_dead_and_near_constant_dimensions():
+    x, y = dead_dims()
+    head = build_head(HeadConfig(kind="linear"), x.shape[1])
+    head.norm.set_stats(torch.as_tensor(x))
+    z = head.norm(torch.as_tensor(shifted(x, 1)))
+    assert torch.isfinite(z).all() and float(z.abs().max()) <= STANDARD_CLIP
+    informative = head.norm(torch.as_tensor(x))[:, :4]
+    assert float(informative.std(dim=0).min()) > 0.5  # informative dimensions keep their scale
+    # a 0.01 shift on a dead dimension is small next to the median feature spread, and stays small
+    assert float(z[:, -8:-4].abs().max()) < 1.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_heads_learn_through_dead_dimensions_and_out_of_range_val_values(kind):
+    x, y = dead_dims(seed=0)
+    xv, yv = dead_dims(seed=1)
+    xv = shifted(xv, 2)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind=kind), config=FAST, selection=ONE)
+    p = predict_positive(trained.model, xv)
+    assert ((p >= 0.5) == yv).mean() > 0.9
+    # with the old 1e-6 floor the shifted dimensions gave z-scores near 1e3 and val loss blew up
+    assert max(h["val_loss"] for h in trained.history) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# head selection
+
+
+def test_grid_has_exact_linear_heads_and_adamw_heads_for_each_view():
+    selection = SelectionConfig(lr_factors=(0.5, 2.0), weight_decay_factors=(1.0,), linear_c=(0.01, 1.0))
+    views = feature_views("cls+avg", 64)
+    grid = head_grid(HeadConfig(kind="auto"), TrainConfig(lr=1e-3, weight_decay=0.05), selection, views)
+    assert {(c.kind, c.view.name) for c in grid} == {(k, v) for k in ("linear", "mlp") for v in ("all", "cls", "avg")}
+    assert sorted(c.c for c in grid if c.kind == "linear" and c.view.name == "all") == [0.01, 1.0]
+    assert sorted(c.lr for c in grid if c.kind == "mlp" and c.view.name == "cls") == [5e-4, 2e-3]
+    # a policy that needs the gate trains selective heads only; selection off: one AdamW head
+    assert {c.kind for c in head_grid(HeadConfig(), TrainConfig(), selection, views, needs_gate=True)} == {"selective"}
+    assert len(head_grid(HeadConfig(), TrainConfig(), ONE, views)) == 1
+    # the risk-aware loss has no exact solver: its linear heads train in the AdamW loop
+    risk = head_grid(HeadConfig(kind="linear"), TrainConfig(loss="risk_aware"), selection, views[:1])
+    assert all(c.lr is not None and c.c is None for c in risk)
+
+
+def test_exact_linear_head_is_the_l2_logistic_regression_on_standardised_features():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(n=400, shift=0.4, seed=8)
+    xv, yv = blobs(n=400, shift=0.4, seed=9)
+    selection = SelectionConfig(linear_c=(0.05,))
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"), selection=selection)
+    assert trained.kind == "linear" and trained.grid[0]["c"] == 0.05
+    z = trained.model.norm(torch.as_tensor(x)).double().numpy()
+    reference = LogisticRegression(C=0.05, class_weight="balanced", max_iter=5000, tol=1e-8).fit(z, y)
+    zv = trained.model.norm(torch.as_tensor(xv)).double().numpy()
+    np.testing.assert_allclose(predict_positive(trained.model, xv), reference.predict_proba(zv)[:, 1], atol=2e-3)
+
+
+def test_one_standard_error_rule_prefers_the_simpler_head_unless_the_gain_is_clear():
+    y = np.tile([0, 1], 100)
+    sign = np.where(y == 1, 1.0, -1.0)
+    linear = Candidate("linear", FeatureView("all", 0, 8), c=0.1)
+    mlp = Candidate("mlp", FeatureView("all", 0, 8), lr=1e-3, weight_decay=0.05)
+    steady = 0.5 + 0.3 * sign  # squared error 0.04 on every image
+    # much better on half the images, much worse on the other half, a little better on average:
+    # squared errors 0.0025 and 0.0729 (mean 0.0377); the paired differences have mean -0.0023, SE 0.0025
+    half = (np.arange(200) // 2) % 2 == 0
+    erratic = 0.5 + sign * np.where(half, 0.45, 0.23)
+    chosen, ses = select_candidate([linear, mlp], [steady, erratic], y)
+    assert balanced_brier(erratic, y) < balanced_brier(steady, y)
+    assert chosen == 0 and ses[1] == 0.0 and ses[0] > 0
+    clearly_better = 0.5 + 0.47 * sign
+    chosen, _ = select_candidate([linear, mlp], [steady, clearly_better], y)
+    assert chosen == 1
+
+
+def test_selection_picks_the_view_that_carries_the_signal():
+    rng = np.random.default_rng(3)
+
+    def cls_avg(n, seed):  # the "cls" half separates the classes, the "avg" half is noise
+        r = np.random.default_rng(seed)
+        y = r.integers(0, 2, n)
+        x = r.normal(size=(n, 32)).astype(np.float32)
+        x[:, :4] += (2 * y - 1)[:, None] * 1.5
+        return x, y
+
+    x, y = cls_avg(600, 4)
+    xv, yv = cls_avg(600, 5)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"), views=feature_views("cls+avg", 32),
+                       selection=SelectionConfig(linear_c=(0.01, 0.1)))
+    assert trained.view.name == "cls"
+    probe = xv.copy()
+    probe[:, 16:] = rng.normal(size=(len(xv), 16)) * 100  # the chosen head never reads the avg half
+    np.testing.assert_array_equal(predict_positive(trained.model, xv), predict_positive(trained.model, probe))
+
+
+def test_default_selection_matches_or_beats_a_single_head_and_records_the_grid():
+    x, y = blobs(n=800, shift=0.3, seed=10)
+    xv, yv = blobs(n=800, shift=0.3, seed=11)
+    xs, ys = blobs(n=2000, shift=0.3, seed=12)
+    config = TrainConfig(epochs=12, batch_size=64, patience=4)
+    grid = fit_head(x, y, xv, yv, config=config)
+    single = fit_head(x, y, xv, yv, config=config, selection=ONE)
+    brier = {name: balanced_brier(predict_positive(t.model, xs), ys) for name, t in (("grid", grid), ("one", single))}
+    assert brier["grid"] <= brier["one"] + 0.01
+    assert len(grid.grid) == 7 + 3 * 2 and sum(r["chosen"] for r in grid.grid) == 1
+    chosen = next(r for r in grid.grid if r["chosen"])
+    assert chosen["kind"] == grid.kind and chosen["best_epoch"] == grid.best_epoch
+    assert all(r["best_epoch"] >= 1 for r in grid.grid if r["kind"] == "mlp")  # never a warmup epoch
