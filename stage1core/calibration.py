@@ -7,7 +7,8 @@ Three calibrators, each a small object with ``fit``, ``apply``, ``to_json``, ``f
   smoothed targets. Also the gate calibrator (``fit_gate_platt``; JSON in ``gateparams.schema.json``).
 - ``TemperatureScaling`` (Guo et al. 2017): ``softmax(z / T)`` on logits, one ``T > 0``.
 - ``DirichletCalibration`` (Kull et al. 2019): ``softmax(W log p + b)`` with ODIR regularisation; for
-  two classes this is beta calibration (Kull, Silva Filho, Flach 2017).
+  two classes this is beta calibration (Kull, Silva Filho, Flach 2017), fitted under its ``a, b >= 0``
+  constraint so that the map is monotone.
 
 Shapes: a 1-d input means the binary positive-class view (a score, a logit margin ``z1 - z0``, or
 p(roadwork)) and ``apply`` returns p(roadwork) as 1-d; an (N, K) input returns (N, K) probabilities.
@@ -288,6 +289,22 @@ class DirichletCalibration:
     ``q1 = sigmoid(a ln p - b ln(1 - p) + c)`` with ``a = W11 - W01``, ``b = W00 - W10``,
     ``c = b1 - b0``; ``beta_params()`` returns ``(a, b, c)``. Input: (N, K) probabilities, or 1-d
     p(roadwork) for the binary case (then ``apply`` returns 1-d).
+
+    Binary fits carry beta calibration's constraint ``a >= 0, b >= 0``, which makes the map
+    non-decreasing in p (its log-odds have slope ``a / p + b / (1 - p) >= 0``); unconstrained, a
+    calib set whose positives thin out at high scores yields ``b < 0`` and a map that turns down.
+    Only ``(a, b, c)`` reach the output, and for any ``W, b`` the point ``W = diag(b, a)``,
+    intercepts ``(-c/2, c/2)`` gives the same map with no larger ODIR penalty, so the binary fit
+    minimises ``mean NLL + reg_mu * c^2 / 4`` over ``(a, b, c)`` with L-BFGS-B bounds ``a, b >= 0``
+    and stores that point: the constrained optimum of the objective above, in the same JSON form.
+    Monotonicity is what keeps the FNR guarantee intact: the decision is ``p_raw >= t`` with t the
+    certified threshold (``guarantees.fnr_threshold``), and for a non-decreasing q every sample
+    predicted roadwork has ``q(p_raw) >= q(t)``; deciding on ``q >= q(t)`` instead predicts roadwork
+    on the same samples (a superset where q is flat), so its FNR is no larger and
+    ``P(FNR <= alpha) >= 1 - delta`` still holds. A non-monotone q would rank some rejected samples
+    above accepted ones, and the order-statistic argument would not cover a cut on q.
+    For K > 2 the map stays unconstrained, as in Kull et al. (2019): "monotone" has no single
+    meaning for a K-class map, and the pipeline calibrates the binary p(roadwork).
     """
 
     kind: ClassVar[str] = "dirichlet"
@@ -330,11 +347,43 @@ class DirichletCalibration:
         grad_b = resid.sum(axis=0) + 2 * mu_scale * b
         return float(loss), np.concatenate([grad_w.ravel(), grad_b])
 
+    def beta_objective(self, theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Binary objective in beta parameters ``theta = (a, b, c)`` and its gradient: mean NLL of
+        ``sigmoid(a x1 - b x0 + c)`` (``x = log p``, (N, 2)) plus ``reg_mu * c^2 / 4``, the intercept
+        penalty at ``(-c/2, c/2)``; the ODIR term is 0 at ``W = diag(b, a)``."""
+        a, b, c = theta
+        z = a * x[:, 1] - b * x[:, 0] + c
+        n = x.shape[0]
+        loss = np.mean(np.logaddexp(0.0, z) - y * z) + self.reg_mu * c**2 / 4
+        r = (expit(z) - y) / n
+        grad = np.array([r @ x[:, 1], -(r @ x[:, 0]), r.sum() + self.reg_mu * c / 2])
+        return float(loss), grad
+
+    def _fit_beta(self, x: np.ndarray, y: np.ndarray) -> None:
+        res = optimize.minimize(
+            self.beta_objective,
+            np.array([1.0, 1.0, 0.0]),  # the identity map
+            args=(x, y.astype(np.float64)),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(0.0, None), (0.0, None), (None, None)],
+            options={"maxiter": 2000, "gtol": 1e-9, "ftol": 1e-14},
+        )
+        if not np.all(np.isfinite(res.x)):
+            raise ValueError(f"beta calibration diverged ({res.message}); raise reg_mu")
+        a, b, c = (float(v) for v in res.x)
+        self.weights = np.array([[b, 0.0], [0.0, a]])
+        self.intercepts = np.array([-c / 2, c / 2])
+
     def fit(self, probs: Any, labels: Any) -> DirichletCalibration:
         p, _ = self._as_probabilities(probs)
         n, k = p.shape
         y = _labels(labels, n, k)
         x = self._log_features(p)
+        if k == 2:
+            self._fit_beta(x, y)
+            self.n_calib = n
+            return self
         y_onehot = np.eye(k)[y]
         theta0 = np.concatenate([np.eye(k).ravel(), np.zeros(k)])
         res = optimize.minimize(
@@ -399,6 +448,12 @@ class DirichletCalibration:
             )
         obj = cls(reg_lambda=float(d["reg_lambda"]), reg_mu=float(d["reg_mu"]), eps=float(d["eps"]))
         obj.weights, obj.intercepts, obj.n_calib = w, b, int(d["n_calib"])
+        if k == 2 and min(obj.beta_params()[:2]) < 0:
+            logger.warning(
+                "binary dirichlet calibration JSON has beta parameters a=%.4g, b=%.4g: a negative one makes "
+                "the map non-monotone (fitted before the a, b >= 0 constraint); refit it on the calib split",
+                *obj.beta_params()[:2],
+            )
         return obj
 
 

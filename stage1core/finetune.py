@@ -2,7 +2,9 @@
 
 The feature cache cannot serve this path: every step decodes images, augments them (timm's train
 transforms with the backbone's data config) and runs the adapted backbone. The loop mirrors
-`stage1core.train.fit_head`: class-weighted CE, timm's cosine schedule with warmup stepped per
+`stage1core.train.fit_head`: the same loss per head kind (class-weighted CE with label smoothing, or
+for the selective head the SelectiveNet loss over its cls, gate and aux outputs, in training and in
+the val loss that early stopping reads; `finetune_loss`), timm's cosine schedule with warmup stepped per
 optimizer step, timm's ModelEmaV3 with warmup, early stopping on the val split, selection of the best
 (EMA) weights. The optimizer is F-SAM (`stage1core.peft`) or plain AdamW.
 
@@ -56,7 +58,7 @@ from .features import FeatureConfig, draft_size, eval_transform, preprocessing_s
 from .fingerprint import fingerprint
 from .heads import HeadConfig, build_head, positive_probability
 from .images import ImageDecodeError, decode_image
-from .losses import class_weighted_ce, class_weights_from_labels
+from .losses import class_weighted_ce, class_weights_from_labels, selectivenet_loss
 from .metrics import binary_metrics
 from .peft import (
     AdapterConfig,
@@ -122,9 +124,10 @@ class FinetuneConfig:
     warmup_steps: int = 100
     # floor of the cosine schedule
     min_lr: float = 1e-6
-    # label smoothing of the cross-entropy; class weights still apply
+    # label smoothing of the cross-entropy; class weights still apply (not used by the selective head's
+    # SelectiveNet loss, as in fit_head)
     label_smoothing: float = 0.1
-    # weight classes by inverse frequency in the train split
+    # weight classes by inverse frequency in the train split (CE and SelectiveNet loss alike)
     class_weighting: bool = True
     # clip the gradient used for the update to this norm; 0 disables clipping
     max_grad_norm: float = 1.0
@@ -256,8 +259,27 @@ class AdaptedClassifier(nn.Module):
         feats = embed(self.backbone.get_base_model(), images, self.pooling).float()
         return feats + (feats.half().float() - feats).detach()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_all: bool = False):
+        """Class logits; with `return_all` (selective head only) its (cls, gate, aux) outputs. A keyword,
+        not a second method, so a DDP-wrapped model still syncs gradients."""
+        if return_all:
+            return self.head(self.features(images), return_all=True)
         return self.head(self.features(images))
+
+
+def finetune_loss(outputs: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, *, head: HeadConfig,
+                  class_weights: torch.Tensor | None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss `fit_head` trains each head kind with (`stage1core.train.head_loss`), on the outputs of
+    `AdaptedClassifier(images, return_all=head.kind == "selective")`, computed in fp32: for the selective
+    head the SelectiveNet loss with the head's target coverage, lambda and alpha, which trains the cls,
+    gate and aux heads together (plain CE on the class logits would leave gate and aux at their random
+    init); for the others class-weighted CE with label smoothing."""
+    if head.kind == "selective":
+        cls, gate, aux = (t.float() for t in outputs)
+        loss, _ = selectivenet_loss(cls, gate, aux, labels, coverage=head.target_coverage, lam=head.coverage_lambda,
+                                    alpha=head.selective_alpha, class_weights=class_weights)
+        return loss
+    return class_weighted_ce(outputs.float(), labels, class_weights=class_weights, label_smoothing=label_smoothing)
 
 
 def _trainable_keys(model: nn.Module) -> list[str]:
@@ -430,35 +452,44 @@ def _adamw_step(model: nn.Module, batch_fn, optimizer, *, micro_batches: Sequenc
 
 @torch.no_grad()
 def _predict(module: nn.Module, dataset: _ImageDataset, indices: list[int], config: FinetuneConfig,
-             accelerator) -> tuple[list[int], list[list[float]]]:
-    """(indices, logits) for `indices`, evaluated on this process."""
+             accelerator, *, selective: bool = False) -> tuple[list[int], list[list[float]]]:
+    """(indices, output rows) for `indices`, evaluated on this process. A row is the 2 class logits, or
+    for a selective head cls logits (2), gate logit (1) and aux logits (2)."""
     module.eval()
     device = accelerator.device
     batches = [indices[s:s + config.batch_size] for s in range(0, len(indices), config.batch_size)]
     out_idx: list[int] = []
-    out_logits: list[list[float]] = []
+    out_rows: list[list[float]] = []
     for idx, images, _labels, failed in _loader(dataset, batches, config, device):
         if failed:
             raise DataError(f"validation images that cannot be decoded: {failed[:3]}")
         with accelerator.autocast():
-            logits = module(images.to(device, non_blocking=True))
+            outputs = module(images.to(device, non_blocking=True), return_all=selective)
+        if selective:
+            cls, gate, aux = outputs
+            outputs = torch.cat([cls.float(), gate.float()[:, None], aux.float()], dim=1)
         out_idx.extend(idx)
-        out_logits.extend(logits.float().cpu().tolist())
-    return out_idx, out_logits
+        out_rows.extend(outputs.float().cpu().tolist())
+    return out_idx, out_rows
 
 
 def _evaluate(module: nn.Module, dataset: _ImageDataset, config: FinetuneConfig, accelerator,
-              val_weights: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
-    """Val loss and metrics over the whole val split (sharded over processes, then gathered)."""
+              val_weights: torch.Tensor, head: HeadConfig) -> tuple[dict[str, float], np.ndarray]:
+    """Val loss (the training loss of the head kind, class-weighted by the val split, no label smoothing,
+    as in fit_head) and metrics over the whole val split (sharded over processes, then gathered)."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    idx, logits = _predict(module, dataset, list(range(rank, len(dataset), world)), config, accelerator)
-    pairs = gather_object(list(zip(idx, logits, strict=True))) if world > 1 else list(zip(idx, logits, strict=True))
+    selective = head.kind == "selective"
+    idx, rows = _predict(module, dataset, list(range(rank, len(dataset), world)), config, accelerator,
+                         selective=selective)
+    pairs = gather_object(list(zip(idx, rows, strict=True))) if world > 1 else list(zip(idx, rows, strict=True))
     pairs = sorted(pairs, key=lambda pair: pair[0])
-    all_logits = torch.tensor([pair[1] for pair in pairs], dtype=torch.float32)
+    outputs = torch.tensor([pair[1] for pair in pairs], dtype=torch.float32)
     labels = torch.tensor([dataset.samples[pair[0]].label for pair in pairs], dtype=torch.long)
-    loss = float(class_weighted_ce(all_logits, labels, class_weights=val_weights))
+    all_logits = outputs[:, :2]
+    heads_out = (outputs[:, :2], outputs[:, 2], outputs[:, 3:5]) if selective else all_logits
+    loss = float(finetune_loss(heads_out, labels, head=head, class_weights=val_weights))
     p = positive_probability(all_logits).double().numpy()
     full = binary_metrics(labels.numpy(), p, threshold=0.5)
     metrics = {"val_loss": loss, **{f"val_{k}": float(full[k]) for k in ("accuracy", "mcc", "auroc", "fnr", "fpr")}}
@@ -617,9 +648,9 @@ def fit_backbone(
 
     def batch_fn(_model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, labels = batch
-        logits = forward_model(images)
-        return class_weighted_ce(logits.float(), labels, class_weights=train_weights,
-                                 label_smoothing=config.label_smoothing)
+        outputs = forward_model(images, return_all=head.kind == "selective")
+        return finetune_loss(outputs, labels, head=head, class_weights=train_weights,
+                             label_smoothing=config.label_smoothing)
 
     # state, possibly from a checkpoint
     step, epoch, position = 0, 0, 0  # next optimizer step starts at micro-batch position*grad_accum of epoch
@@ -705,7 +736,7 @@ def fit_backbone(
             epoch_ended = position == steps_per_epoch
             if epoch_ended or step == total_steps:
                 judged = ema.module if ema is not None else unwrapped
-                metrics, val_p = _evaluate(judged, val_set, config, accelerator, val_weights)
+                metrics, val_p = _evaluate(judged, val_set, config, accelerator, val_weights, head)
                 row = {"epoch": epoch, "step": step, "train_loss": row_loss, **metrics,
                        "lr": optimizer.param_groups[0]["lr"]}
                 history.append(row)

@@ -158,19 +158,26 @@ def risk_aware_loss(
     fn_cost: float = 5.0,
     fp_cost: float = 1.0,
     gamma: float = 2.0,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cost-weighted focal loss: confident misses of roadwork cost ``fn_cost / fp_cost`` times more.
 
     Per sample, with ``p_y`` the predicted probability of the true class and ``q = 1 - p_y`` the
-    probability put on the wrong class: ``l_i = cost(y_i) * q ** gamma * (-log p_y)`` where
-    ``cost(1) = fn_cost`` (a missed positive, a false negative) and ``cost(0) = fp_cost``. The loss is
-    ``mean_i l_i``. The ``q ** gamma`` factor is the focal modulation (Lin et al. 2017) that down-weights
-    easy, correct samples so that confident errors dominate; the class costs are the cost-sensitive
-    weighting of Elkan (2001). With ``gamma = 0`` this is cost-weighted CE, whose minimiser moves the
-    Bayes threshold on p(roadwork) from 1/2 to ``fp_cost / (fp_cost + fn_cost)``, the same direction as
-    the FNR constraint: it trades false positives for fewer false negatives.
+    probability put on the wrong class: ``l_i = cost(y_i) * w(y_i) * q ** gamma * (-log p_y)`` where
+    ``cost(1) = fn_cost`` (a missed positive, a false negative), ``cost(0) = fp_cost``, and ``w`` the
+    class weights (e.g. ``class_weights_from_labels``; all ones without). The loss is the weighted mean
+    ``sum_i l_i / sum_i w(y_i)``, PyTorch's weighted-mean convention as in ``class_weighted_ce``: the
+    costs scale the loss, the weights only shift the balance between the classes, and without weights
+    it is ``mean_i l_i``. The ``q ** gamma`` factor is the focal modulation (Lin et al. 2017) that
+    down-weights easy, correct samples so that confident errors dominate; the class costs are the
+    cost-sensitive weighting of Elkan (2001). With ``gamma = 0`` this is cost-weighted CE, whose minimiser
+    moves the Bayes threshold on p(roadwork) from 1/2 to ``fp_cost w(0) / (fp_cost w(0) + fn_cost w(1))``
+    (``fp_cost / (fp_cost + fn_cost)`` unweighted), the same direction as the FNR constraint: it trades
+    false positives for fewer false negatives. Inverse-frequency weights on top of the costs make the
+    rare class count as much as the common one before the costs are applied.
 
-    ``logits`` is (N, 2) class logits, or (N,) / (N, 1) single logits for p(roadwork).
+    ``logits`` is (N, 2) class logits, or (N,) / (N, 1) single logits for p(roadwork); ``class_weights``
+    has shape (2,).
     """
     if fn_cost <= 0 or fp_cost <= 0:
         raise ValueError(f"fn_cost and fp_cost must be > 0, got fn_cost={fn_cost}, fp_cost={fp_cost}")
@@ -197,4 +204,14 @@ def risk_aware_loss(
         torch.full_like(log_p_true, float(fn_cost)),
         torch.full_like(log_p_true, float(fp_cost)),
     )
-    return (cost * q.pow(gamma) * (-log_p_true)).mean()
+    per_sample = cost * q.pow(gamma) * (-log_p_true)
+    if class_weights is None:
+        return per_sample.mean()
+    weight = class_weights.to(device=log_p_true.device, dtype=log_p_true.dtype)
+    if weight.shape != (2,):
+        raise ValueError(
+            f"class_weights has shape {tuple(weight.shape)}, expected (2,): one weight per class "
+            "(no roadwork, roadwork)"
+        )
+    w = weight[targets]
+    return (w * per_sample).sum() / w.sum()

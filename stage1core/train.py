@@ -208,15 +208,16 @@ def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:
 def head_loss(model: nn.Module, head: HeadConfig, x: torch.Tensor, y: torch.Tensor, *,
               class_weights: torch.Tensor | None, label_smoothing: float = 0.0, loss: str = "ce",
               fn_cost: float = 5.0, kind: str | None = None) -> torch.Tensor:
-    """The training loss of a head kind: class-weighted CE (with label smoothing), or for the selective
-    head the SelectiveNet loss on plain class-weighted CE (docs/selective.md)."""
+    """The training loss of a head kind (`kind`, default the config's): class-weighted CE (with label
+    smoothing) or the class-weighted risk-aware loss, or for the selective head the SelectiveNet loss
+    on plain class-weighted CE (docs/selective.md). `class_weights=None` means unweighted."""
     if (kind or head.kind) == "selective":
         cls, gate, aux = model(x, return_all=True)
         loss, _ = selectivenet_loss(cls, gate, aux, y, coverage=head.target_coverage, lam=head.coverage_lambda,
                                     alpha=head.selective_alpha, class_weights=class_weights)
         return loss
     if loss == "risk_aware":
-        return risk_aware_loss(model(x), y, fn_cost=fn_cost)
+        return risk_aware_loss(model(x), y, fn_cost=fn_cost, class_weights=class_weights)
     return class_weighted_ce(model(x), y, class_weights=class_weights, label_smoothing=label_smoothing)
 
 

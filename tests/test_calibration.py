@@ -181,6 +181,49 @@ def test_dirichlet_unregularised_binary_equals_beta_logistic_fit():
     np.testing.assert_allclose(dc.beta_params(), want, atol=1e-4)
 
 
+def test_dirichlet_binary_map_is_monotone_where_the_unconstrained_fit_is_not():
+    # positives thin out at the top: the label frequency is the beta map a=2, b=-1, which rises to a
+    # peak at p = 2/3 and falls after it. Unconstrained beta calibration follows it (b < 0); Kull et
+    # al.'s constraint a, b >= 0 keeps the map monotone, so it must settle on b = 0.
+    rng = np.random.default_rng(10)
+    p, y = _beta_data(rng, 20000, 2.0, -1.0, 0.0)
+    grid = np.linspace(0.001, 0.999, 999)
+    features = lambda q: np.c_[np.log(q), -np.log(1 - q)]  # noqa: E731
+    free = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000).fit(features(p), y)
+    assert free.coef_[0, 1] < -0.5  # got -0.98: the unconstrained optimum is non-monotone
+    assert np.diff(free.predict_proba(features(grid))[:, 1]).min() < 0
+    for reg in (dict(), dict(reg_lambda=0.0, reg_mu=0.0)):
+        dc = DirichletCalibration(**reg).fit(p, y)
+        assert np.all(np.diff(dc.apply(grid)) >= 0)
+        assert np.all(np.diff(dc.apply(np.c_[1 - grid, grid])[:, 1]) >= 0)  # the (N, 2) view too
+        a, b, c = dc.beta_params()
+        assert a > 0 and b == 0.0  # the bound is active
+        back = load_calibrator(json.loads(json.dumps(dc.to_json())))
+        np.testing.assert_array_equal(back.apply(grid), dc.apply(grid))
+    # with b pinned at 0 the constrained optimum is the logistic fit on ln p alone
+    lone = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000).fit(np.log(p)[:, None], y)
+    np.testing.assert_allclose([a, c], [lone.coef_[0, 0], lone.intercept_[0]], atol=1e-4)
+
+
+def test_dirichlet_json_with_negative_beta_parameter_loads_with_a_warning(fitted, caplog):
+    d = copy.deepcopy(fitted["dirichlet"][0].to_json())
+    d["weights"][0][0] = -0.5  # b = W00 - W10 < 0: a map written before the constraint
+    with caplog.at_level("WARNING", logger="stage1core.calibration"):
+        back = load_calibrator(d)
+    assert back.beta_params()[1] < 0
+    assert "non-monotone" in caplog.text and "refit" in caplog.text
+
+
+def test_dirichlet_binary_beta_objective_gradient_is_exact():
+    rng = np.random.default_rng(11)
+    dc = DirichletCalibration(reg_mu=0.3)
+    x = np.log(rng.dirichlet(np.ones(2), 60))
+    y = rng.integers(0, 2, 60).astype(float)
+    theta = rng.normal(size=3)
+    err = check_grad(lambda t: dc.beta_objective(t, x, y)[0], lambda t: dc.beta_objective(t, x, y)[1], theta)
+    assert err < 1e-6
+
+
 def test_dirichlet_objective_gradient_is_exact():
     rng = np.random.default_rng(6)
     dc = DirichletCalibration(reg_lambda=0.3, reg_mu=0.2)

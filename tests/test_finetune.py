@@ -286,6 +286,100 @@ def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(referenc
     assert np.abs(plain.predict_proba(paths) - p["unmerged"]).max() > 1e-3
 
 
+# non-default SelectiveNet settings, so the test sees that the head's own values reach the loss
+SELECTIVE = HeadConfig(kind="selective", hidden=16, dropout=0.1, target_coverage=0.7, coverage_lambda=16.0,
+                       selective_alpha=0.6)
+SELECTIVE_CONFIG = dataclasses.replace(CONFIG, max_steps=6, checkpoint_every=0)  # evaluations at the epoch end and 6
+
+
+def test_selective_head_fine_tunes_gate_and_aux_with_the_selectivenet_loss(split, tmp_path):
+    """A DoRA fine-tune with a selective head trains all three heads with the SelectiveNet loss (as
+    fit_head does on cached features), and early stopping reads the SelectiveNet val loss."""
+    from safetensors.torch import load_file
+
+    from stage1core.losses import class_weights_from_labels, selectivenet_loss
+    from stage1core.train import load_head
+
+    out, record = tmp_path / "out", tmp_path / "record"
+    run = subprocess.run([sys.executable, __file__, "selective", str(split["path"]), str(out), str(record)],
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0 and "selective OK" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / RESULT).read_text())
+    calls = json.loads((record / "calls.json").read_text())
+    init = load_file(str(record / "init.safetensors"))
+    trained = load_head(out)
+    assert trained.head == SELECTIVE
+    final = trained.model.state_dict()
+
+    # the gate and the aux head moved away from their random init (plain CE on the class logits leaves
+    # them bit-identical), and so did the classifier
+    for name in ("gate.weight", "gate.bias", "aux.weight", "aux.bias", "cls.weight", "trunk.0.weight"):
+        assert (final[name] - init[name]).abs().max() > 1e-4, name
+    # every training forward went through the SelectiveNet loss with this head's settings, and its
+    # gradient reached the gate logits: F-SAM runs both passes over each of the grad_accum micro-batches
+    training = [c for c in calls if c["training"]]
+    assert len(training) == 2 * SELECTIVE_CONFIG.grad_accum * result["steps"]
+    assert all(c["gate_grad"] > 0 for c in training)
+    assert {(c["coverage"], c["lam"], c["alpha"]) for c in calls} == {(0.7, 16.0, 0.6)}
+    assert all(c["weighted"] for c in calls)  # class_weighting=True reaches the SelectiveNet loss
+    # early stopping compared SelectiveNet val losses: one call per evaluation, logged as val_loss
+    evaluations = [c for c in calls if not c["training"]]
+    assert [c["loss"] for c in evaluations] == [r["val_loss"] for r in result["history"]]
+    assert len(evaluations) == 2
+    # and that val loss is the SelectiveNet loss of the selected head on the val images
+    from stage1core.features import FeatureConfig, FeatureStore
+    from stage1core.finetune import extract_adapted_features
+
+    val = split["parts"]["val"]
+    info = extract_adapted_features(val, out, FeatureConfig(batch_size=8, num_workers=0),
+                                    store_root=tmp_path / "features")
+    ids = sorted(s.sample_id for s in val)
+    labels = torch.tensor([next(s.label for s in val if s.sample_id == i) for i in ids])
+    with torch.no_grad():
+        cls, gate, aux = trained.model(torch.as_tensor(FeatureStore(info.store_dir).load(ids)), return_all=True)
+    loss, _ = selectivenet_loss(cls, gate, aux, labels, coverage=0.7, lam=16.0, alpha=0.6,
+                                class_weights=class_weights_from_labels(labels))
+    assert float(loss) == pytest.approx(result["metrics"]["val_loss"], abs=1e-4)
+
+
+def scenario_selective(split_path: str, out_dir: str, record_dir: str) -> None:
+    """fit_backbone with SELECTIVE, recording the head's initial weights and every SelectiveNet loss call."""
+    from safetensors.torch import save_file
+
+    import stage1core.finetune as finetune
+    from stage1core.splits import read_split_manifest
+
+    inits: list[dict[str, torch.Tensor]] = []
+    calls: list[dict] = []
+    from stage1core.losses import selectivenet_loss
+
+    build_head = finetune.build_head
+
+    def recording_build_head(config, in_dim):
+        head = build_head(config, in_dim)
+        inits.append({k: v.detach().clone().contiguous() for k, v in head.state_dict().items()})
+        return head
+
+    def recording_loss(cls, gate, aux, targets, **kwargs):
+        loss, stats = selectivenet_loss(cls, gate, aux, targets, **kwargs)
+        call = {"training": gate.requires_grad, "loss": float(loss), "coverage": kwargs["coverage"],
+                "lam": kwargs["lam"], "alpha": kwargs["alpha"], "weighted": kwargs["class_weights"] is not None}
+        if gate.requires_grad:
+            call["gate_grad"] = 0.0
+            gate.register_hook(lambda g: call.__setitem__("gate_grad", float(g.abs().sum())))
+        calls.append(call)
+        return loss, stats
+
+    finetune.build_head, finetune.selectivenet_loss = recording_build_head, recording_loss
+    _, parts, _ = read_split_manifest(split_path)
+    finetune.fit_backbone(parts["train"], parts["val"], backbone=resolve_backbone(BACKBONE), head=SELECTIVE,
+                          config=SELECTIVE_CONFIG, out_dir=out_dir)
+    Path(record_dir).mkdir(parents=True)
+    assert len(inits) == 1
+    save_file(inits[0], str(Path(record_dir) / "init.safetensors"))
+    (Path(record_dir) / "calls.json").write_text(json.dumps(calls))
+
+
 def test_ddp_two_processes_agree(split, tmp_path):
     """2-process CPU DDP through accelerate's debug_launcher: sharded data, one set of outputs."""
     result = subprocess.run([sys.executable, __file__, "ddp", str(split["path"]), str(tmp_path / "ddp")],
@@ -319,5 +413,5 @@ def scenario_ddp(split_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     scenario = sys.argv[1]
-    {"ddp": scenario_ddp}[scenario](*sys.argv[2:])
+    {"ddp": scenario_ddp, "selective": scenario_selective}[scenario](*sys.argv[2:])
     print(f"{scenario} OK")

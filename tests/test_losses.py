@@ -239,6 +239,32 @@ def test_risk_aware_loss_gradcheck_and_threshold_shift():
     assert float(z2.grad) < -0.5  # the loss still falls as p(roadwork) rises past 1/2
 
 
+def test_risk_aware_loss_applies_class_weights_as_a_weighted_mean():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 3.0], [1.5, -0.5], [0.3, 0.1]], dtype=torch.float64)
+    y = torch.tensor([1, 0, 0, 0, 0])
+    weights = class_weights_from_labels(y).double()  # [5/8, 5/2]: the rare positive counts 4x
+    got = risk_aware_loss(logits, y, fn_cost=5.0, fp_cost=1.0, gamma=2.0, class_weights=weights)
+    p = torch.softmax(logits, 1)
+    num = den = 0.0
+    for i in range(5):
+        py = float(p[i, y[i]])
+        w = float(weights[y[i]])
+        num += w * (5.0 if int(y[i]) == 1 else 1.0) * (1 - py) ** 2 * -math.log(py)
+        den += w
+    assert float(got) == pytest.approx(num / den, rel=1e-10)
+    plain = risk_aware_loss(logits, y, fn_cost=5.0, fp_cost=1.0, gamma=2.0)
+    assert float(got) > 1.5 * float(plain)  # the missed positive weighs more: the weights are not ignored
+    # all-ones weights are the unweighted mean; the single-logit form agrees
+    assert float(risk_aware_loss(logits, y, class_weights=torch.ones(2))) == pytest.approx(float(plain), rel=1e-12)
+    z = logits[:, 1] - logits[:, 0]
+    assert float(risk_aware_loss(z, y, class_weights=weights)) == pytest.approx(float(got), rel=1e-10)
+    # gamma=0, equal costs: class-weighted CE, PyTorch's weighted mean
+    assert float(risk_aware_loss(logits, y, fn_cost=1.0, fp_cost=1.0, gamma=0.0, class_weights=weights)) == (
+        pytest.approx(float(F.cross_entropy(logits, y, weight=weights)), rel=1e-10))
+    with pytest.raises(ValueError, match=r"class_weights has shape \(3,\), expected \(2,\)"):
+        risk_aware_loss(logits, y, class_weights=torch.ones(3))
+
+
 def test_risk_aware_loss_rejects_bad_inputs():
     with pytest.raises(ValueError, match="binary"):
         risk_aware_loss(torch.zeros(2, 3), torch.tensor([0, 1]))

@@ -111,6 +111,23 @@ def test_risk_aware_loss_trades_false_alarms_for_fewer_misses():
     assert fnr["risk_aware"] < fnr["ce"] - 0.05
 
 
+def test_risk_aware_loss_applies_class_weighting():
+    # rare positives: with class_weighting the risk-aware loss also counts each positive n / (2 n_1) times
+    # (fn_cost on top), so the head misses fewer of them than the same loss unweighted
+    x, y = blobs(n=1000, shift=0.35, pos_fraction=0.1, seed=2)
+    xv, yv = blobs(n=1000, shift=0.35, pos_fraction=0.1, seed=3)
+    heads, recall = {}, {}
+    for weighting in (False, True):
+        cfg = TrainConfig(epochs=10, batch_size=64, patience=10, class_weighting=weighting, loss="risk_aware",
+                          fn_cost=2.0)
+        heads[weighting] = fit_head(x, y, xv, yv, config=cfg).model
+        p = predict_positive(heads[weighting], xv)
+        recall[weighting] = ((p >= 0.5) & (yv == 1)).sum() / (yv == 1).sum()
+    on, off = heads[True].state_dict(), heads[False].state_dict()
+    assert not all(torch.equal(on[k], off[k]) for k in on)  # the setting reaches the loss
+    assert recall[True] > recall[False] + 0.1
+
+
 def test_selective_head_trains_a_gate_that_ranks_errors():
     from stage1core.train import head_outputs
 
