@@ -1146,6 +1146,32 @@ def _render_spec(config: DemoConfig, spec: _ImageSpec) -> Image.Image:
     return render_scene(rng, width=width, height=height, roadwork=bool(spec.label))
 
 
+def render_demo_image(config: DemoConfig, index: int) -> Image.Image:
+    """Image `index` of the dataset `config` describes, upright, as generate_demo_dataset draws it."""
+    if not 0 <= index < config.n_images:
+        raise ValueError(f"index {index} is outside the dataset of {config.n_images} images")
+    return _render_spec(config, _plan(config)[index])
+
+
+def near_duplicate(image: Image.Image, *, seed: int, max_shift: float = 0.03, brightness: float = 0.12,
+                   quality: tuple[int, int] = (60, 90)) -> bytes:
+    """A near-identical frame of the same scene, as JPEG bytes: the view shifted by up to `max_shift` of
+    each side (the frame is cropped and scaled back), brightness scaled by up to 1 +/- `brightness`,
+    then re-encoded at a JPEG quality in `quality`. Deterministic by seed; the bytes differ from the
+    original's, so it is a distinct sample that only a near-duplicate search can tie to it."""
+    rng = np.random.default_rng([seed, 2])
+    width, height = image.size
+    dx, dy = (float(v) for v in rng.uniform(-max_shift, max_shift, size=2))
+    left, top = max(0.0, dx) * width, max(0.0, dy) * height
+    box = (left, top, left + (1 - abs(dx)) * width, top + (1 - abs(dy)) * height)
+    moved = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR, box=box)
+    gain = 1.0 + float(rng.uniform(-brightness, brightness))
+    lut = [_clip8(round(v * gain)) for v in range(256)] * 3
+    buf = io.BytesIO()
+    moved.point(lut).save(buf, "JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
+    return buf.getvalue()
+
+
 def _encode(image: Image.Image, spec: _ImageSpec) -> bytes:
     buf = io.BytesIO()
     if spec.fmt == "png":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -60,6 +61,9 @@ class SourceConfig:
     kind: str = "auto"  # auto | folder | csv | json | parquet  (auto: decided from the path)
     role: str = "all"  # all | train_only (extra training positives, never in val/calib/test)
     name: str = ""  # source name in samples and reports; defaults to the path's basename
+    # CSV column, JSON key or parquet column holding a group id (drive, session): images of one group
+    # always share a split. "" uses a column named `group` when there is one; class folders have none
+    group_column: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
@@ -71,6 +75,10 @@ class SourceConfig:
             raise DataError(f"source {self.path}: role {self.role!r} is not one of {ROLES}")
         if not self.name:
             object.__setattr__(self, "name", Path(self.path).name or str(self.path))
+        if not isinstance(self.group_column, str):
+            raise DataError(f"source {self.path}: group_column must be a column name (a string), "
+                            f"got {self.group_column!r}")
+        object.__setattr__(self, "group_column", self.group_column.strip())
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,12 @@ class Sample:
     source: str  # source name
     role: str  # all | train_only
     locator: str  # absolute file path, or "<abs parquet path>#row=<i>"
+    group: str = ""  # "<source name>:<group id>" from the source's group column; "" when it has none
+
+
+def group_key(source: str, value: str) -> str:
+    """A group id namespaced by its source, so drive 17 of one source is not drive 17 of another."""
+    return f"{source}:{value}" if value else ""
 
 
 @dataclass
@@ -87,10 +101,14 @@ class SourceScan:
     samples: list[Sample]  # unique by sample_id, sorted by sample_id
     duplicates: int  # rows collapsed into an earlier copy of the same bytes
     quarantined: list[dict] = field(default_factory=list)  # {"locator", "source", "row", "reason"}
+    # sample_id pairs that must share a group: an image listed under two group ids joins both groups
+    links: list[tuple[str, str]] = field(default_factory=list)
 
     def fingerprint(self) -> str:
-        """The data fingerprint: sha256 over the sorted (sample_id, label, role) triples."""
-        return _fingerprint([[s.sample_id, s.label, s.role] for s in self.samples])
+        """The data fingerprint: sha256 over the sorted (sample_id, label, role[, group]) rows; the group
+        is left out when empty, so ungrouped data keeps the fingerprint it always had."""
+        return _fingerprint([[s.sample_id, s.label, s.role] + ([s.group] if s.group else [])
+                             for s in self.samples])
 
     @property
     def quarantined_fraction(self) -> float:
@@ -121,13 +139,28 @@ class LabelRow:
     row: int  # CSV: 1-based line in the file; JSON: 0-based entry index
     path: str  # as written in the file
     label: int
+    group: str = ""  # the group column's value as written (not yet namespaced by source); "" for none
 
 
-def parse_csv_labels(text: str, *, origin: str) -> list[LabelRow]:
+def _group_value(value: Any, *, where: str) -> str:
+    """A group id from a JSON or parquet cell: a string or an integer; null or "" means no group."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: group {value!r} is not a string or an integer id; fix the value or leave it "
+                    "empty for an image with no group")
+
+
+def parse_csv_labels(text: str, *, origin: str, group_column: str = "") -> list[LabelRow]:
     """Parse `image_path,label` CSV text, with or without a header.
 
     A header is recognised when its cells name a path column (image_path, filename, path or image) and
-    `label`; without one, every row is exactly `path,label`. Raises DataError on anything malformed.
+    `label`; without one, every row is exactly `path,label`. With a header, the column `group_column`
+    (default: `group`, when present) gives each row's group id; an empty cell means no group.
+    Raises DataError on anything malformed, and when a configured group column is missing.
     """
     try:
         rows = [(i + 1, r) for i, r in enumerate(csv.reader(io.StringIO(text, newline=""))) if r]
@@ -150,6 +183,9 @@ def parse_csv_labels(text: str, *, origin: str) -> list[LabelRow]:
             f"({', '.join(PATH_COLUMNS)}) and a `label` column; without a header every row is `path,label`"
         )
     else:
+        if group_column:
+            raise DataError(f"{origin}: group column {group_column!r} is configured but the file has no header; "
+                            f"add a header row such as `image_path,label,{group_column}`")
         path_col, label_col, width, body = 0, 1, 2, rows
         try:
             parse_label(first[1], where="")
@@ -160,6 +196,13 @@ def parse_csv_labels(text: str, *, origin: str) -> list[LabelRow]:
             ) from None
     if not body:
         raise DataError(f"{origin}: a header and no data rows; add `path,label` lines")
+    group_col = None
+    if has_header:
+        wanted = (group_column or "group").lower()
+        group_col = names.index(wanted) if wanted in names else None
+        if group_column and group_col is None:
+            raise DataError(f"{origin}, row {first_line}: no group column {group_column!r} in the header "
+                            f"{first!r}; add the column or fix SourceConfig.group_column")
 
     out = []
     for line, r in body:
@@ -170,18 +213,27 @@ def parse_csv_labels(text: str, *, origin: str) -> list[LabelRow]:
         path = r[path_col].strip()
         if not path or "\x00" in path:
             raise DataError(f"{where}: empty or invalid image path {r[path_col]!r}; fix it or drop the row")
-        out.append(LabelRow(line, path, parse_label(r[label_col], where=where)))
+        group = r[group_col].strip() if group_col is not None else ""
+        out.append(LabelRow(line, path, parse_label(r[label_col], where=where), group))
     return out
 
 
-def parse_json_labels(text: str, *, origin: str) -> list[LabelRow]:
-    """Parse `[{"filename": ..., "label": ...}]` (or `image_path`/`path` keys) or `{"<filename>": label}`."""
+def parse_json_labels(text: str, *, origin: str, group_column: str = "") -> list[LabelRow]:
+    """Parse `[{"filename": ..., "label": ...}]` (or `image_path`/`path` keys) or `{"<filename>": label}`.
+
+    In the list form, the key `group_column` (default: `group`) gives an entry's group id (a string or an
+    integer; absent, null or "" means no group). A configured key that no entry has is a DataError.
+    """
+    group_key_name = group_column or "group"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{origin}: not valid JSON ({exc}); fix or re-export the label file") from exc
     if isinstance(data, dict):
-        entries: Iterable[tuple[Any, Any]] = data.items()
+        if group_column:
+            raise DataError(f"{origin}: a {{filename: label}} object has no room for the group key "
+                            f"{group_column!r}; write a list of {{filename, label, {group_column}}} objects")
+        entries: Iterable[tuple[Any, Any, Any]] = [(k, v, None) for k, v in data.items()]
     elif isinstance(data, list):
         entries = []
         for i, item in enumerate(data):
@@ -193,16 +245,19 @@ def parse_json_labels(text: str, *, origin: str) -> list[LabelRow]:
             if key is None or "label" not in item:
                 raise DataError(f"{where}: needs a `filename` (or `image_path`/`path`) and a `label` key; "
                                 f"has {sorted(item)}")
-            entries.append((item[key], item["label"]))
+            entries.append((item[key], item["label"], item.get(group_key_name)))
+        if group_column and data and not any(isinstance(i, dict) and group_column in i for i in data):
+            raise DataError(f"{origin}: no entry has the group key {group_column!r}; add it to the entries or "
+                            "fix SourceConfig.group_column")
     else:
         raise DataError(f"{origin}: expected a list of {{filename, label}} objects or a {{filename: label}} "
                         f"object, got {type(data).__name__}")
     out = []
-    for i, (path, label) in enumerate(entries):
+    for i, (path, label, group) in enumerate(entries):
         where = f"{origin}, entry {i}"
         if not isinstance(path, str) or not path.strip() or "\x00" in path:
             raise DataError(f"{where}: image path {path!r} is not a non-empty string")
-        out.append(LabelRow(i, path.strip(), parse_label(label, where=where)))
+        out.append(LabelRow(i, path.strip(), parse_label(label, where=where), _group_value(group, where=where)))
     if not out:
         raise DataError(f"{origin}: no entries; expected at least one labelled image")
     return out
@@ -247,21 +302,25 @@ def _is_hidden(name: str) -> bool:
 
 
 def _scan_files(
-    config: SourceConfig, entries: Sequence[tuple[str, int, int | None]]
+    config: SourceConfig, entries: Sequence[tuple[str, int, int | None, str]]
 ) -> tuple[list[Sample], list[dict]]:
-    """Hash (abs path, label, row) entries into samples; unreadable files go to quarantine."""
-    digests = _hash_files([path for path, _, _ in entries])
+    """Hash (abs path, label, row, group) entries into samples; unreadable files go to quarantine."""
+    digests = _hash_files([path for path, _, _, _ in entries])
     samples, quarantined = [], []
-    for (path, label, row), digest in zip(entries, digests, strict=True):
+    for (path, label, row, group), digest in zip(entries, digests, strict=True):
         if isinstance(digest, Exception):
             reason = _reason(digest)
             quarantined.append({"locator": path, "source": config.name, "row": row, "reason": reason})
         else:
-            samples.append(Sample(digest, label, config.name, config.role, path))
+            samples.append(Sample(digest, label, config.name, config.role, path, group_key(config.name, group)))
     return samples, quarantined
 
 
 def _scan_folder(config: SourceConfig, root: Path) -> tuple[list[Sample], list[dict]]:
+    if config.group_column:
+        raise DataError(f"{root}: class folders carry no group column, but group_column="
+                        f"{config.group_column!r} is set; list the images in a CSV/JSON label file or parquet "
+                        f"with a {config.group_column!r} column, or unset group_column")
     classes = []
     for child in sorted(root.iterdir()):
         if _is_hidden(child.name) or not child.is_dir():
@@ -281,7 +340,7 @@ def _scan_folder(config: SourceConfig, root: Path) -> tuple[list[Sample], list[d
             dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
             for name in sorted(filenames):
                 if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                    entries.append((os.path.join(dirpath, name), label, None))
+                    entries.append((os.path.join(dirpath, name), label, None, ""))
     return _scan_files(config, entries)
 
 
@@ -296,9 +355,9 @@ def _read_text(path: Path) -> str:
 
 def _scan_label_file(config: SourceConfig, path: Path, kind: str) -> tuple[list[Sample], list[dict]]:
     parse = parse_csv_labels if kind == "csv" else parse_json_labels
-    rows = parse(_read_text(path), origin=str(path))
+    rows = parse(_read_text(path), origin=str(path), group_column=config.group_column)
     base = path.parent
-    entries = [(os.path.abspath(base / r.path), r.label, r.row) for r in rows]
+    entries = [(os.path.abspath(base / r.path), r.label, r.row, r.group) for r in rows]
     return _scan_files(config, entries)
 
 
@@ -345,22 +404,30 @@ def _scan_parquet(config: SourceConfig, path: Path) -> tuple[list[Sample], list[
         if missing:
             raise DataError(f"{shard}: missing column(s) {missing}; has {names}. Expected the Hugging Face "
                             "natix-network-org/roadwork layout: `image` {bytes, path} and `label` 0/1")
+        group_col = config.group_column or "group"
+        if config.group_column and group_col not in names:
+            raise DataError(f"{shard}: no group column {group_col!r}; has {names}. Add the column or fix "
+                            "SourceConfig.group_column")
+        columns = ["image", "label"] + ([group_col] if group_col in names else [])
         row = 0
         try:
-            batches = pf.iter_batches(columns=["image", "label"], batch_size=256)
+            batches = pf.iter_batches(columns=columns, batch_size=256)
             for batch in batches:
                 images = _image_bytes_column(batch, shard)
                 labels = batch.column("label").to_pylist()
+                groups = batch.column(group_col).to_pylist() if len(columns) == 3 else [None] * len(labels)
                 for i, label in enumerate(labels):
                     locator = f"{shard}{PARQUET_ROW_MARK}{row}"
-                    value = parse_label(label, where=f"{shard}, row {row}")
+                    where = f"{shard}, row {row}"
+                    value = parse_label(label, where=where)
+                    group = group_key(config.name, _group_value(groups[i], where=where))
                     scalar = images[i]
                     data = scalar.as_py() if scalar.is_valid else None
                     if not data:
                         quarantined.append({"locator": locator, "source": config.name, "row": row,
                                             "reason": "no image bytes in this row"})
                     else:
-                        samples.append(Sample(sha256_bytes(data), value, config.name, config.role, locator))
+                        samples.append(Sample(sha256_bytes(data), value, config.name, config.role, locator, group))
                     row += 1
         except DataError:
             raise
@@ -421,7 +488,8 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
 
     A duplicate keeps its first copy (in config order), except that a copy with role `all` wins over
     `train_only` copies, so an image that is also in the target data is never held out of evaluation.
-    Duplicates with different labels raise DataError naming both locations.
+    Duplicates with different labels raise DataError naming both locations. A copy that carries a group
+    id hands it to a kept copy without one; a copy in another group links the two groups (`links`).
     """
     if not configs:
         raise DataError("no sources configured; give at least one SourceConfig")
@@ -432,6 +500,7 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
     merged: dict[str, Sample] = {}
     duplicates = 0
     quarantined: list[dict] = []
+    also_in: list[tuple[str, str]] = []  # (sample_id, group) memberships of collapsed copies
     for config in configs:
         samples, bad = _scan(config)
         quarantined.extend(bad)
@@ -447,11 +516,21 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
                     f"{kept.locator} and label {sample.label} at {sample.locator}; fix one of the labels "
                     "or remove one copy"
                 )
-            if kept.role != "all" and sample.role == "all":
-                merged[sample.sample_id] = sample
+            winner, loser = (sample, kept) if kept.role != "all" and sample.role == "all" else (kept, sample)
+            if not winner.group and loser.group:
+                winner = dataclasses.replace(winner, group=loser.group)
+            elif loser.group and loser.group != winner.group:
+                also_in.append((sample.sample_id, loser.group))
+            merged[sample.sample_id] = winner
     if quarantined:
         log.warning("%d rows quarantined (missing or unreadable files)", len(quarantined))
-    return SourceScan(sorted(merged.values(), key=lambda s: s.sample_id), duplicates, quarantined)
+    samples = sorted(merged.values(), key=lambda s: s.sample_id)
+    member: dict[str, str] = {}  # group -> its first sample
+    for s in samples:
+        if s.group:
+            member.setdefault(s.group, s.sample_id)
+    links = [(sid, member[group]) for sid, group in also_in if member.get(group, sid) != sid]
+    return SourceScan(samples, duplicates, quarantined, links)
 
 
 # ----------------------------------------------------------------------------------------------- reading

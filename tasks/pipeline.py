@@ -30,9 +30,18 @@ from stage1core.fingerprint import fingerprint, sha256_file
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig, feature_views
 from stage1core.home import home_path
+from stage1core.near_duplicates import find_near_duplicates
 from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
 from stage1core.sources import DataError, SourceConfig, load_sources
-from stage1core.splits import SplitConfig, make_splits, read_split_manifest, split_counts, write_split_manifest
+from stage1core.splits import (
+    SplitConfig,
+    parent_pins,
+    plan_splits,
+    read_split_manifest,
+    record_latest_manifest,
+    split_counts,
+    write_split_manifest,
+)
 from stage1core.storage import atomic_write_json
 from stage1core.train import SelectionConfig, TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
@@ -51,6 +60,9 @@ class SplitRef:
     quarantined: int
     # the run fails when more than this fraction of all rows is quarantined (unreadable or undecodable)
     max_quarantined_fraction: float = 0.01
+    n_groups: int = 0  # groups that each landed in one split (an ungrouped image is a group of one)
+    largest_group: int = 0  # images in the largest group
+    bridges: int = 0  # groups that new images joined across splits (old images never move; see docs/splits.md)
 
 
 @dataclass(frozen=True)
@@ -135,9 +147,11 @@ def ensure_demo_data(config: DemoConfig = DemoConfig()) -> SourceConfig:
 @task(name="build_splits")
 def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
                  max_quarantined_fraction: float = 0.01) -> SplitRef:
-    """Scan the sources (sha256 of every image), split by hash, write the split manifest.
+    """Scan the sources (sha256 of every image), group them (group column, near-duplicates by perceptual
+    hash), split by group, write the split manifest. Images already in the latest manifest made with
+    this split config keep their split; it is recorded as the new manifest's parent.
 
-    Not cached: new images must be seen. Cheap next to embedding.
+    Not cached: new images must be seen. Cheap next to embedding (pHashes are stored per image).
     """
     logger = _logger()
     scan = load_sources(sources)
@@ -151,17 +165,30 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
             )
     if not scan.samples:
         raise DataError(f"no images found in sources {[s.path for s in sources]}")
-    parts = make_splits(scan.samples, splits)
+    links, loose, near = list(scan.links), [], {}
+    if splits.near_duplicates:
+        found = find_near_duplicates(scan.samples, radius=splits.near_duplicate_radius,
+                                     diameter=splits.near_duplicate_diameter, cache_dir=home_path("phash"),
+                                     log_fn=logger.info)
+        links, loose, near = links + found.links, found.loose_pairs, found.summary
     data_fp = scan.fingerprint()
-    path = home_path("splits") / f"{fingerprint(data_fp, splits)[:24]}.json"
-    split_fp = write_split_manifest(path, parts, splits, data_fingerprint=data_fp,
+    splits_dir = home_path("splits")
+    path = splits_dir / f"{fingerprint(data_fp, splits)[:24]}.json"
+    pinned, parent = parent_pins(splits_dir, splits, output=path)
+    plan = plan_splits(scan.samples, splits, links=links, pinned=pinned, loose_pairs=loose)
+    groups = {**dataclasses.asdict(plan.stats), "near_duplicates": near}
+    split_fp = write_split_manifest(path, plan.splits, splits, data_fingerprint=data_fp, group_of=plan.group_of,
+                                    groups=groups, parent=parent,
                                     extra={"sources": [dataclasses.asdict(s) for s in sources]})
+    record_latest_manifest(splits_dir, splits, path)
     _, _, manifest = read_split_manifest(path)
-    logger.info("%d unique images (%d duplicates collapsed): %s", len(scan.samples), scan.duplicates,
-                json.dumps(manifest["counts"]))
+    logger.info("%d unique images (%d duplicates collapsed) in %d groups (largest %d, %d bridges): %s",
+                len(scan.samples), scan.duplicates, plan.stats.n_groups, plan.stats.largest_group,
+                plan.stats.bridges, json.dumps(manifest["counts"]))
     return SplitRef(path=str(path), fingerprint=split_fp, data_fingerprint=data_fp, counts=manifest["counts"],
                     n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=len(scan.quarantined),
-                    max_quarantined_fraction=max_quarantined_fraction)
+                    max_quarantined_fraction=max_quarantined_fraction, n_groups=plan.stats.n_groups,
+                    largest_group=plan.stats.largest_group, bridges=plan.stats.bridges)
 
 
 FEATURES_CACHE = OutputCache(
@@ -398,7 +425,7 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
         policy_files=policy_files, baselines=baselines,
         data={"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
               "n_samples": split.n_samples, "duplicates": split.duplicates, "quarantined": split.quarantined,
-              "n_groups": getattr(split, "n_groups", None), "largest_group": getattr(split, "largest_group", None)},
+              "n_groups": split.n_groups, "largest_group": split.largest_group},
         head={"kind": head.kind, "in_dim": head.in_dim, "best_epoch": head.best_epoch, "epochs_run": head.epochs_run,
               "chosen": head.chosen, "n_candidates": head.n_candidates, "criterion": head.criterion})
     info = write_bundle(

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["extraction_vs_timm_loop", "large_jpeg_decode", "precision_bf16", "incremental", "memory_flat",
-        "head_training", "predictor_latency"]
+        "head_training", "predictor_latency", "near_duplicates"]
 
 
 def run_bench(name: str, tmp_path: Path, timeout: int = 600) -> str:

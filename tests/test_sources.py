@@ -448,3 +448,124 @@ def test_csv_parser_on_arbitrary_text(text):
         parse_csv_labels(text, origin="fuzz.csv")
     except DataError:
         pass
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+
+def group_of(samples) -> dict[str, str]:
+    return {Path(s.locator).name: s.group for s in samples}
+
+
+@pytest.mark.parametrize(("header", "config"), [("image_path,label,group", ""), ("image_path,Drive,label", "drive"),
+                                                ("image_path,label,session", "session")])
+def test_csv_group_column(tmp_path, header, config):
+    make_images(tmp_path, 4)
+    cells = [("img0.jpg", "1", "d1"), ("img1.jpg", "0", " d1 "), ("img2.jpg", "1", "7"), ("img3.jpg", "0", "")]
+    order = header.lower().split(",")
+    lines = [",".join({"image_path": p, "label": lab}.get(col, g) for col in order) for p, lab, g in cells]
+    label_file = write(tmp_path / "labels.csv", "\n".join([header, *lines]).encode())
+    samples = scan_source(SourceConfig(str(label_file), name="natix", group_column=config))
+    assert group_of(samples) == {"img0.jpg": "natix:d1", "img1.jpg": "natix:d1", "img2.jpg": "natix:7",
+                                 "img3.jpg": ""}
+    assert [s.label for s in samples] == [1, 0, 1, 0]
+
+
+def test_csv_without_a_group_column_has_no_groups_and_keeps_its_fingerprint(tmp_path):
+    make_images(tmp_path, 2)
+    label_file = write(tmp_path / "labels.csv", b"image_path,label\nimg0.jpg,1\nimg1.jpg,0\n")
+    scan = load_sources([SourceConfig(str(label_file))])
+    assert [s.group for s in scan.samples] == ["", ""]
+    # the data fingerprint of ungrouped data is what it was before groups existed
+    assert scan.fingerprint() == hashlib.sha256(json.dumps(
+        [[[s.sample_id, s.label, s.role] for s in scan.samples]], separators=(",", ":")).encode()).hexdigest()
+    grouped = write(tmp_path / "grouped.csv", b"image_path,label,group\nimg0.jpg,1,a\nimg1.jpg,0,a\n")
+    assert load_sources([SourceConfig(str(grouped))]).fingerprint() != scan.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("text", "column", "match"),
+    [
+        ("image_path,label\nimg0.jpg,1\n", "drive", r"labels\.csv, row 1: no group column 'drive' in the header"),
+        ("img0.jpg,1\n", "drive", r"labels\.csv: group column 'drive' is configured but the file has no header"),
+    ],
+)
+def test_missing_csv_group_column_names_file_and_column(tmp_path, text, column, match):
+    make_images(tmp_path, 1)
+    label_file = write(tmp_path / "labels.csv", text.encode())
+    with pytest.raises(DataError, match=match):
+        scan_source(SourceConfig(str(label_file), group_column=column))
+
+
+def test_json_group_key(tmp_path):
+    make_images(tmp_path, 4)
+    entries = [{"filename": "img0.jpg", "label": 1, "drive": "a"}, {"filename": "img1.jpg", "label": 0, "drive": 3},
+               {"filename": "img2.jpg", "label": 1, "drive": None}, {"filename": "img3.jpg", "label": 0}]
+    label_file = write(tmp_path / "labels.json", json.dumps(entries).encode())
+    samples = scan_source(SourceConfig(str(label_file), name="j", group_column="drive"))
+    assert group_of(samples) == {"img0.jpg": "j:a", "img1.jpg": "j:3", "img2.jpg": "", "img3.jpg": ""}
+    default = write(tmp_path / "default.json",
+                    json.dumps([{"filename": "img0.jpg", "label": 1, "group": "g"}]).encode())
+    assert scan_source(SourceConfig(str(default), name="k"))[0].group == "k:g"
+
+
+@pytest.mark.parametrize(
+    ("payload", "column", "match"),
+    [
+        ([{"filename": "img0.jpg", "label": 1}], "drive", r"labels\.json: no entry has the group key 'drive'"),
+        ({"img0.jpg": 1}, "drive", r"labels\.json: a \{filename: label\} object has no room for the group key"),
+        ([{"filename": "img0.jpg", "label": 1, "group": [1]}], "", r"labels\.json, entry 0: group \[1\] is not"),
+        ([{"filename": "img0.jpg", "label": 1, "group": True}], "", "entry 0: group True is not"),
+    ],
+)
+def test_bad_json_group_is_a_data_error(tmp_path, payload, column, match):
+    make_images(tmp_path, 1)
+    label_file = write(tmp_path / "labels.json", json.dumps(payload).encode())
+    with pytest.raises(DataError, match=match):
+        scan_source(SourceConfig(str(label_file), group_column=column))
+
+
+def test_parquet_group_column(tmp_path):
+    shard = tmp_path / "s.parquet"
+    table = hf_table([png(i) for i in range(4)], [1, 0, 1, 0]).append_column(
+        "drive", pa.array(["d1", None, "d1", "d2"]))
+    pq.write_table(table, shard, row_group_size=2)
+    samples = scan_source(SourceConfig(str(shard), name="hf", group_column="drive"))
+    assert [s.group for s in samples] == ["hf:d1", "", "hf:d1", "hf:d2"]
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(hf_table([png(9)], [1]).append_column("group", pa.array([42])), ints)
+    assert scan_source(SourceConfig(str(ints), name="hf"))[0].group == "hf:42"
+    with pytest.raises(DataError, match=r"s\.parquet: no group column 'session'; has \['image', 'label', 'drive'\]"):
+        scan_source(SourceConfig(str(shard), group_column="session"))
+
+
+def test_class_folders_have_no_group_column(tmp_path):
+    write(tmp_path / "roadwork" / "a.jpg", png(1))
+    assert scan_source(SourceConfig(str(tmp_path)))[0].group == ""
+    with pytest.raises(DataError, match="class folders carry no group column, but group_column='drive'"):
+        scan_source(SourceConfig(str(tmp_path), group_column="drive"))
+    with pytest.raises(DataError, match="group_column must be"):
+        SourceConfig(str(tmp_path), group_column=3)  # type: ignore[arg-type]
+
+
+def test_groups_are_namespaced_by_source_and_follow_duplicates(tmp_path):
+    make_images(tmp_path / "a", 3)
+    make_images(tmp_path / "b", 3, start=2)  # img2.jpg has the same bytes in both folders
+    write(tmp_path / "b" / "img9.jpg", png(9))
+    first = write(tmp_path / "a" / "labels.csv", b"image_path,label,group\nimg0.jpg,1,d1\nimg1.jpg,0,d1\nimg2.jpg,1,\n")
+    second = write(tmp_path / "b" / "labels.csv",
+                   b"image_path,label,group\nimg2.jpg,1,d1\nimg3.jpg,0,d1\nimg4.jpg,1,d2\nimg9.jpg,1,d2\n")
+    scan = load_sources([SourceConfig(str(first), name="a"), SourceConfig(str(second), name="b")])
+    by_id = {s.sample_id: s for s in scan.samples}
+    # drive d1 of source a is not drive d1 of source b
+    assert by_id[sha(png(0))].group == "a:d1" and by_id[sha(png(3))].group == "b:d1"
+    # the shared image had no group in a (kept copy): it takes b's
+    assert by_id[sha(png(2))].group == "b:d1" and scan.links == []
+
+    # an image in two groups links them: a:d1's image also appears as b:d2
+    relabelled = write(tmp_path / "b" / "labels2.csv", b"image_path,label,group\nimg2.jpg,1,d2\nimg4.jpg,1,d2\n")
+    first2 = write(tmp_path / "a" / "labels2.csv", b"image_path,label,group\nimg1.jpg,0,d1\nimg2.jpg,1,d1\n")
+    scan = load_sources([SourceConfig(str(first2), name="a"), SourceConfig(str(relabelled), name="b")])
+    by_id = {s.sample_id: s for s in scan.samples}
+    assert by_id[sha(png(2))].group == "a:d1"
+    assert scan.links == [(sha(png(2)), sha(png(4)))]
