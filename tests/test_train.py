@@ -120,7 +120,7 @@ def test_risk_aware_loss_applies_class_weighting():
     for weighting in (False, True):
         cfg = TrainConfig(epochs=10, batch_size=64, patience=10, class_weighting=weighting, loss="risk_aware",
                           fn_cost=2.0)
-        heads[weighting] = fit_head(x, y, xv, yv, config=cfg).model
+        heads[weighting] = fit_head(x, y, xv, yv, config=cfg, selection=ONE).model
         p = predict_positive(heads[weighting], xv)
         recall[weighting] = ((p >= 0.5) & (yv == 1)).sum() / (yv == 1).sum()
     on, off = heads[True].state_dict(), heads[False].state_dict()
