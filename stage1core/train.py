@@ -91,6 +91,8 @@ class SelectionConfig:
     # linear heads: the convex problem is solved exactly (L-BFGS) for each inverse L2 strength C
     # (scikit-learn's convention: sum of the per-image losses + |w|^2 / (2C)); no learning rate applies
     linear_c: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    # ... and C is chosen per feature view by this many folds of cross-validation on train
+    cv_folds: int = 5
     # with cls+avg features, also try the CLS token alone and the patch mean alone
     pooling_views: bool = True
 
@@ -102,6 +104,8 @@ class SelectionConfig:
                 raise ValueError(f"SelectionConfig.{name} must be a non-empty list of numbers >= 0, got {values!r}")
         if any(v == 0 for v in self.lr_factors + self.linear_c):
             raise ValueError("SelectionConfig.lr_factors and linear_c must be > 0")
+        if self.cv_folds < 2:
+            raise ValueError(f"SelectionConfig.cv_folds must be >= 2, got {self.cv_folds}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +144,9 @@ class TrainedHead:
 
 
 SELECTION_CRITERION = (
-    "class-balanced Brier score on the val split (per candidate: its best epoch after the LR warmup); "
-    "the simplest candidate within one standard error of the best wins (linear before mlp, stronger "
-    "L2 first)")
+    "class-balanced Brier score on the val split (linear heads: C by 5-fold CV on train; AdamW heads: their "
+    "best epoch after the LR warmup); the simplest candidate within one standard error of the best wins "
+    "(linear before mlp, fewer feature dimensions first)")
 
 
 def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -173,24 +177,26 @@ def complexity(candidate: Candidate) -> tuple[float, ...]:
     return (0.0 if candidate.kind == "linear" else 1.0, float(candidate.view.dim), candidate.c or 0.0)
 
 
-def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray], val_y: np.ndarray
-                     ) -> tuple[int, list[float]]:
+def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray], val_y: np.ndarray, *,
+                     eligible: Sequence[bool] | None = None) -> tuple[int, list[float]]:
     """The one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10) on val Brier terms.
 
     The candidate with the lowest balanced Brier score is the reference; every candidate whose mean
     paired difference to it is within one standard error of that difference qualifies, and the
     simplest qualifying one (`complexity`, then grid order) wins. On a small val split the
     differences between heads are mostly noise, and this rule then keeps the more regularised head
-    instead of the one that was luckiest on these images. Returns (index, SE of each difference).
+    instead of the one that was luckiest on these images. Only `eligible` candidates take part (the
+    linear heads whose C cross-validation did not pick are not). Returns (index, SE of each difference).
     """
     terms = [_brier_terms(p, val_y) for p in val_p]
     means = [float(t.mean()) for t in terms]
-    best = min(range(len(terms)), key=lambda i: (means[i], i))
+    allowed = [i for i in range(len(terms)) if eligible is None or eligible[i]]
+    best = min(allowed, key=lambda i: (means[i], i))
     ses = []
     for t in terms:
         d = t - terms[best]
         ses.append(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0)
-    ok = [i for i in range(len(terms)) if means[i] - means[best] <= ses[i] + 1e-12]
+    ok = [i for i in allowed if means[i] - means[best] <= ses[i] + 1e-12]
     return min(ok, key=lambda i: (complexity(candidates[i]), means[i], i)), ses
 
 
@@ -274,20 +280,23 @@ def fit_head(
     looped = [i for i, c in enumerate(candidates) if not c.exact]
     if exact:
         results.update(_fit_exact_linear(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, exact,
-                                         class_weighting=config.class_weighting))
+                                         class_weighting=config.class_weighting, cv_folds=selection.cv_folds,
+                                         seed=config.seed))
     if looped:
         results.update(_fit_adamw(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, looped,
                                   head=head, config=config, log_fn=log_fn))
 
     chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
-                                   np.asarray(val_y))
+                                   np.asarray(val_y), eligible=[results[i].get("eligible", True)
+                                                                for i in range(len(candidates))])
     c, won = candidates[chosen], results[chosen]
     final = build_head(head, in_dim, kind=c.kind, view=c.view)
     final.load_state_dict(won["state"])
     final.eval()
     grid = [{"kind": cand.kind, "view": cand.view.name, "lr": cand.lr, "weight_decay": cand.weight_decay,
              "c": cand.c, "best_epoch": results[i]["epoch"], "epochs_run": len(results[i]["history"]),
-             "chosen": i == chosen, "val_brier_se": ses[i], **{k: results[i]["row"][k] for k in VAL_KEYS}}
+             "chosen": i == chosen, "eligible": results[i].get("eligible", True), "val_brier_se": ses[i],
+             "cv_brier": results[i]["row"].get("cv_brier"), **{k: results[i]["row"][k] for k in VAL_KEYS}}
             for i, cand in enumerate(candidates)]
     if len(candidates) > 1:
         log.info("head selection: %s chosen of %d candidates (val Brier %.4f, epoch %d)", c.label(),
@@ -313,15 +322,17 @@ def _score(model: nn.Module, head: HeadConfig, kind: str, xv: torch.Tensor, yv: 
 
 
 def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
-                      candidates: Sequence[Candidate], indices: Sequence[int], *, class_weighting: bool
-                      ) -> dict[int, dict[str, Any]]:
+                      candidates: Sequence[Candidate], indices: Sequence[int], *, class_weighting: bool,
+                      cv_folds: int, seed: int) -> dict[int, dict[str, Any]]:
     """Linear heads as L2-regularised (class-weighted) logistic regressions on the standardised
     features, solved by scikit-learn's L-BFGS along the C path (warm starts), then copied into a
-    LinearHead: logits (0, w.z + b) give softmax p(roadwork) = sigmoid(w.z + b)."""
-    import warnings
+    LinearHead: logits (0, w.z + b) give softmax p(roadwork) = sigmoid(w.z + b).
 
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    Per feature view, C is chosen by stratified k-fold cross-validation on train (mean balanced
+    Brier score): for a convex model that is cheap and far less noisy than the val split, which then
+    only judges the CV-chosen linear head against the AdamW heads. The other C values are refitted on
+    all of train for the grid table but are not eligible (`eligible=False`)."""
+    from sklearn.model_selection import StratifiedKFold
 
     head = HeadConfig(kind="linear")
     val_weights = class_weights_from_labels(yv)
@@ -329,30 +340,51 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
     by_view: dict[FeatureView, list[int]] = {}
     for i in indices:
         by_view.setdefault(candidates[i].view, []).append(i)
+    folds = int(max(2, min(cv_folds, np.bincount(yt, minlength=2).min())))
     for view, members in by_view.items():
+        members = sorted(members, key=lambda j: candidates[j].c)
+        cs = [candidates[j].c for j in members]
         model = build_head(head, int(xt.shape[1]), kind="linear", view=view)
         model.norm.set_stats(xt)
         with torch.no_grad():
             z = model.norm(xt).double().numpy()
-        solver = LogisticRegression(class_weight="balanced" if class_weighting else None, max_iter=2000,
-                                    warm_start=True)
-        for i in sorted(members, key=lambda j: candidates[j].c):
-            solver.set_params(C=candidates[i].c)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # the val score judges the result
-                solver.fit(z, yt)
+        cv = np.zeros(len(cs))
+        for fit_rows, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, yt):
+            for k, solver in enumerate(_logistic_path(z[fit_rows], yt[fit_rows], cs, class_weighting)):
+                cv[k] += balanced_brier(solver.predict_proba(z[held])[:, 1], yt[held]) / folds
+        best = int(np.argmin(cv))  # ties: the smaller C (stronger L2)
+        for k, (j, solver) in enumerate(zip(members, _logistic_path(z, yt, cs, class_weighting), strict=True)):
             w = torch.as_tensor(solver.coef_[0], dtype=torch.float32)
             b = float(solver.intercept_[0])
             with torch.no_grad():
                 model.fc.weight.copy_(torch.stack([-w / 2, w / 2]))
                 model.fc.bias.copy_(torch.tensor([-b / 2, b / 2]))
             model.eval()
-            row = {"epoch": 0, "step": int(solver.n_iter_[0]), **_score(model, head, "linear", xv, yv, val_weights)}
+            row = {"epoch": 0, "step": int(solver.n_iter_[0]), "cv_brier": float(cv[k]),
+                   **_score(model, head, "linear", xv, yv, val_weights)}
             val_p = row.pop("val_p")
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            out[i] = {"score": row["val_brier"], "epoch": 0, "state": state, "row": row, "history": [row],
-                      "val_p": val_p}
+            state = {name: v.detach().clone() for name, v in model.state_dict().items()}
+            out[j] = {"score": row["val_brier"], "epoch": 0, "state": state, "row": row, "history": [row],
+                      "val_p": val_p, "eligible": k == best}
     return out
+
+
+def _logistic_path(z: np.ndarray, y: np.ndarray, cs: Sequence[float], class_weighting: bool):
+    """Fitted LogisticRegression copies along increasing C, each warm-started from the previous."""
+    import copy
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    solver = LogisticRegression(class_weight="balanced" if class_weighting else None, max_iter=2000,
+                                warm_start=True)
+    for c in cs:
+        solver.set_params(C=c)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the CV and val scores judge the result
+            solver.fit(z, y)
+        yield copy.deepcopy(solver)
 
 
 def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,

@@ -229,6 +229,26 @@ def test_exact_linear_head_is_the_l2_logistic_regression_on_standardised_feature
     np.testing.assert_allclose(predict_positive(trained.model, xv), reference.predict_proba(zv)[:, 1], atol=2e-3)
 
 
+@pytest.mark.parametrize("noise_dims, expect_strong_l2", [(300, True), (0, False)])
+def test_linear_c_is_chosen_by_cross_validation_on_train(noise_dims, expect_strong_l2):
+    rng = np.random.default_rng(noise_dims)
+
+    def data(n):
+        y = rng.integers(0, 2, n)
+        x = np.concatenate([rng.normal(size=(n, 3)) + (2 * y - 1)[:, None] * 0.8,
+                            rng.normal(size=(n, noise_dims))], axis=1).astype(np.float32)
+        return x, y
+
+    (x, y), (xv, yv) = data(160), data(400)
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"), selection=SelectionConfig())
+    rows = [r for r in trained.grid if r["kind"] == "linear"]
+    eligible = [r for r in rows if r["eligible"]]
+    assert len(eligible) == 1 and eligible[0]["cv_brier"] == min(r["cv_brier"] for r in rows)
+    assert eligible[0]["chosen"] and trained.grid[rows.index(eligible[0])]["c"] == eligible[0]["c"]
+    # many useless dimensions on 160 images need a strong L2; three clean ones do not
+    assert eligible[0]["c"] <= 0.03 if expect_strong_l2 else eligible[0]["c"] >= 0.1
+
+
 def test_one_standard_error_rule_prefers_the_simpler_head_unless_the_gain_is_clear():
     y = np.tile([0, 1], 100)
     sign = np.where(y == 1, 1.0, -1.0)
@@ -244,6 +264,9 @@ def test_one_standard_error_rule_prefers_the_simpler_head_unless_the_gain_is_cle
     assert chosen == 0 and ses[1] == 0.0 and ses[0] > 0
     clearly_better = 0.5 + 0.47 * sign
     chosen, _ = select_candidate([linear, mlp], [steady, clearly_better], y)
+    assert chosen == 1
+    # a candidate that is not eligible (a C that cross-validation did not pick) never wins
+    chosen, _ = select_candidate([linear, mlp], [clearly_better, steady], y, eligible=[False, True])
     assert chosen == 1
 
 
