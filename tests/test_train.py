@@ -180,8 +180,9 @@ def test_standardised_features_stay_bounded_on_dead_and_near_constant_dimensions
     assert torch.isfinite(z).all() and float(z.abs().max()) <= STANDARD_CLIP
     informative = head.norm(torch.as_tensor(x))[:, :4]
     assert float(informative.std(dim=0).min()) > 0.5  # informative dimensions keep their scale
-    # a 0.01 shift on a dead dimension is small next to the median feature spread, and stays small
-    assert float(z[:, -8:-4].abs().max()) < 1.0
+    # a 0.01 shift on a dead dimension is small next to the median feature spread (3), and stays small:
+    # with the old 1e-6 floor its z-scores reached ~1e4
+    assert float(z[:, -8:-4].abs().max()) < 2.0
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
