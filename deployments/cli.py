@@ -217,14 +217,53 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floor_arg(args: argparse.Namespace):
+    """The floor of stage1core.comparison.MetricFloor, with only the flags given replaced."""
+    from stage1core.comparison import MetricFloor
+
+    given = {"min_mcc": args.min_mcc, "min_auroc": args.min_auroc}
+    return MetricFloor(**{k: v for k, v in given.items() if v is not None})
+
+
+def _print_move(result: dict) -> None:
+    if not result.get("changed", True):
+        print(f"{result['model_name']}: {result['message']}")
+        return
+    print(f"{result['model_name']} @{result['alias']}: v{result['previous_version'] or 'none'} -> "
+          f"v{result['version']} ({result['action']} by {result['requested_by']})")
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from flows.promote import promote
-    from tasks.registry import MetricFloor
 
     result = promote(version=args.version, reason=args.reason, requested_by=args.by or "",
-                     model_name=args.model, floor=MetricFloor(min_mcc=args.min_mcc, min_auroc=args.min_auroc))
-    print(f"{result['model_name']} @{result['alias']}: v{result['previous_version'] or 'none'} -> "
-          f"v{result['version']} (by {result['requested_by']})")
+                     model_name=args.model, floor=_floor_arg(args))
+    _print_move(result)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from flows.promote import promote
+    from tasks.registry import find_rollback_target
+
+    target = args.to
+    if not target:  # found here too, so that "nothing to roll back to" is one line, not a failed flow run
+        target, why = find_rollback_target(args.model)
+        print(f"rolling back to v{target}: {why}")
+    result = promote(version=target, reason=args.reason, requested_by=args.by or "",
+                     model_name=args.model, floor=_floor_arg(args), rollback=True)
+    _print_move(result)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from stage1core.history import history_text
+    from tasks.registry import read_history
+
+    entries = read_history(args.model)
+    if args.limit:
+        entries = entries[-args.limit:]
+    print(json.dumps(entries, indent=2) if args.json else history_text(args.model, entries))
     return 0
 
 
@@ -242,6 +281,8 @@ SERVERS_USED = {
     "demo": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
     "train": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
     "promote": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "rollback": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
+    "history": ("MLFLOW_TRACKING_URI",),
     "evaluate": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
     "serve": ("PREFECT_API_URL",),
     "ingest": ("PREFECT_API_URL",),
@@ -306,19 +347,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", help="free text carried in the event")
     p.set_defaults(fn=cmd_ingest)
 
+    from stage1core.comparison import MetricFloor
+
+    floor = MetricFloor()
     p = sub.add_parser("promote", help="move the champion alias to a version (checks bundle and floor)")
     p.add_argument("version", help="version number, alias, or models:/<name>/<version>")
-    p.add_argument("--reason", required=True)
+    p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
     p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
-    p.add_argument("--model", default="stage1-roadwork")
-    p.add_argument("--min-mcc", type=float, default=0.0)
-    p.add_argument("--min-auroc", type=float, default=0.5)
+    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
+    p.add_argument("--min-mcc", type=float, help=f"floor on the test MCC (default: {floor.min_mcc}, MetricFloor)")
+    p.add_argument("--min-auroc", type=float, help=f"floor on the test AUROC (default: {floor.min_auroc}, MetricFloor)")
     p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move the champion back to the version the current one replaced")
+    p.add_argument("--to", help="roll back to this version instead (default: the champion before the current one)")
+    p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
+    p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
+    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
+    p.add_argument("--min-mcc", type=float, help=f"floor on the test MCC (default: {floor.min_mcc}, MetricFloor)")
+    p.add_argument("--min-auroc", type=float, help=f"floor on the test AUROC (default: {floor.min_auroc}, MetricFloor)")
+    p.set_defaults(fn=cmd_rollback)
+
+    p = sub.add_parser("history", help="the promotion history: alias moves and retrain decisions, oldest first")
+    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="only the last N entries")
+    p.add_argument("--json", action="store_true", help="print the entries as JSON")
+    p.set_defaults(fn=cmd_history)
 
     p = sub.add_parser("evaluate", help="evaluate a registered version or a bundle directory on sources")
     p.add_argument("model", help="bundle dir, models:/<name>@<alias>, models:/<name>/<version>, a version or alias")
     p.add_argument("--source", action="append", help="a source path (default: the demo data)")
-    p.add_argument("--split", default="test", help="test | calib | val | train | all")
+    p.add_argument("--split", default="test", choices=["test", "calib", "val", "train", "all"],
+                   help="one split (train_only sources left out), or all: every image of the sources "
+                        "(default: %(default)s)")
     p.add_argument("--model-name", default="stage1-roadwork")
     p.set_defaults(fn=cmd_evaluate)
 

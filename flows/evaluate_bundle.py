@@ -12,14 +12,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from stage1core.bundle import load_bundle, read_manifest
+from stage1core.comparison import coverage_at_fnr, fmt
 from stage1core.fingerprint import fingerprint
 from stage1core.home import home_path
 from stage1core.metrics import binary_metrics
 from stage1core.plots import plot_fnr_fpr
 from stage1core.sources import SourceConfig, read_bytes
-from stage1core.splits import SPLITS, SplitConfig, read_split_manifest
+from stage1core.splits import SPLITS, SplitConfig, read_split_manifest, samples_of
 from tasks.pipeline import build_splits
-from tasks.registry import coverage_at_fnr, fetch_bundle, fmt, get_version, parse_model_ref
+from tasks.registry import fetch_bundle, get_version, parse_model_ref
 from tasks.tracking import MODEL_NAME, client, end_mlflow_run, start_mlflow_run
 
 
@@ -41,10 +42,9 @@ def resolve_bundle(model: str, model_name: str) -> dict[str, str]:
 
 @task(name="score_bundle")
 def score_bundle(bundle_path: str, split_manifest: str, split: str) -> dict[str, Any]:
-    """p(roadwork) of the bundle on the chosen split (or every evaluable image with `all`)."""
+    """p(roadwork) of the bundle on the chosen split (or every image of the sources with `all`)."""
     _, parts, _ = read_split_manifest(split_manifest)
-    names = [n for n in SPLITS if n != "train"] if split == "all" else [split]
-    rows = [s for n in names for s in parts[n] if s.role != "train_only"]
+    rows = samples_of(parts, split)
     if not rows:
         raise ValueError(f"no evaluable images in split {split!r} of these sources")
     predictor = load_bundle(bundle_path, device="auto")
@@ -78,7 +78,8 @@ def evaluate_bundle(
 ) -> dict[str, Any]:
     """Evaluate `model` (a bundle path, `models:/<name>@<alias>`, `models:/<name>/<version>`, a version
     number or an alias of `model_name`) on `sources`, restricted to one hash split (`test`, `calib`,
-    `val`, `train`) or `all` evaluable images. With no sources, the demo dataset."""
+    `val`, `train`; `train_only` sources left out) or `all`: every image of the sources, train and
+    `train_only` included (optimistic for the model trained on them). With no sources, the demo dataset."""
     from tasks.pipeline import ensure_demo_data
 
     if split not in (*SPLITS, "all"):

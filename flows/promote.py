@@ -1,5 +1,6 @@
 """The `promote` flow: move the `champion` alias to a registered version (by hand, from the UI, or to
-roll back), after checking the bundle's integrity and that its metrics meet the floor."""
+roll back), after checking the bundle's integrity and that its metrics meet the floor; every move is
+appended to the model's promotion history."""
 
 from __future__ import annotations
 
@@ -9,18 +10,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from stage1core.bundle import BundleError
-from tasks.registry import (
-    CHAMPION,
-    MetricFloor,
-    fetch_bundle,
-    floor_report,
-    fmt,
-    get_version,
-    parse_model_ref,
-    requester,
-    set_champion,
-)
+from stage1core.comparison import MetricFloor
+from tasks.registry import CHAMPION, check_promotable, requester, resolve_promotion, set_champion
 from tasks.tracking import MODEL_NAME
 
 
@@ -32,31 +23,33 @@ def promote(
     model_name: str = MODEL_NAME,
     floor: MetricFloor = MetricFloor(),
     alias: str = CHAMPION,
+    rollback: bool = False,
 ) -> dict[str, Any]:
-    """Point `alias` (default `champion`) at `version`: a number, an alias (`challenger`) or
-    `models:/<name>/<version>`. `reason` and `requested_by` are recorded as version tags."""
+    """Point `alias` (default `champion`) at `version`: a number, an alias (`challenger`),
+    `models:/<name>/<version>`, or `previous` to roll back (the version the current holder replaced
+    when it was last promoted). `reason` and `requested_by` go into the promotion history; `rollback`
+    records the move as a rollback (implied by `previous`), and retrain then never brings back the
+    version it removed. Promoting the version that already holds the alias changes nothing."""
     if not reason.strip():
-        raise ValueError("promote needs a reason (it is recorded on the model version)")
-    name, number, source_alias = parse_model_ref(version, model_name)
-    mv = get_version(name, version=number, alias=source_alias)
-    if mv is None:
-        raise ValueError(f"{name}: no version {version!r} in the MLflow registry")
-    try:
-        bundle = fetch_bundle(name, mv)
-    except BundleError as exc:
-        raise BundleError(f"refusing to promote {name} v{mv.version}: {exc}") from exc
-    metrics, problems = floor_report(bundle, floor)
-    if problems:
-        raise ValueError(f"refusing to promote {name} v{mv.version}: " + "; ".join(problems))
+        raise ValueError("promote needs a reason (it is recorded in the promotion history)")
+    target = resolve_promotion(version=version, model_name=model_name, alias=alias)
+    name, number = target["model_name"], target["version"]
+    action = "rollback" if rollback or target["rollback_target_why"] else "promote"
     who = requester(requested_by)
-    moved = set_champion(model_name=name, version=str(mv.version), requested_by=who, reason=reason,
-                         flow_run_id=str(flow_run.id), alias=alias)
+    if target["holder"] == number:  # nothing to check: set_champion says it is a no-op
+        moved = set_champion(model_name=name, version=number, requested_by=who, reason=reason,
+                             flow_run_id=str(flow_run.id), alias=alias, action=action)
+        create_markdown_artifact(key="promotion", markdown=f"# {name} @{alias}: no change\n\n{moved['message']}.\n",
+                                 description=f"{alias} already on v{number}")
+        return {**moved, "bundle_path": "", "metrics": {}}
+    checked = check_promotable(model_name=name, version=number, floor=floor)
+    moved = set_champion(model_name=name, version=number, requested_by=who, reason=reason,
+                         flow_run_id=str(flow_run.id), alias=alias, action=action, figures=checked["figures"])
+    why = f"\n\nRollback target: {target['rollback_target_why']}." if target["rollback_target_why"] else ""
     create_markdown_artifact(
         key="promotion",
-        markdown=(f"# {name} @{alias}: v{moved['previous_version'] or 'none'} → v{mv.version}\n\n"
-                  f"By **{who}**: {reason}\n\nBundle `{bundle.name}` verified (sha256 of every file); test MCC "
-                  f"{fmt(metrics.get('mcc'))}, AUROC {fmt(metrics.get('auroc'))}, FNR {fmt(metrics.get('fnr'))} "
-                  f"meet the floor (MCC ≥ {floor.min_mcc}, AUROC ≥ {floor.min_auroc}).\n"),
-        description=f"{alias} moved to v{mv.version}",
+        markdown=(f"# {name} @{alias}: v{moved['previous_version'] or 'none'} → v{number} ({action})\n\n"
+                  f"By **{who}**: {reason}{why}\n\n{checked['summary']}\n"),
+        description=f"{alias} moved to v{number}",
     )
-    return {**moved, "bundle_path": str(bundle), "metrics": metrics}
+    return {**moved, "bundle_path": checked["bundle_path"], "metrics": checked["metrics"]}

@@ -239,6 +239,17 @@ def pinned_splits(splits: Mapping[str, Sequence[Sample]]) -> dict[str, str]:
     return {s.sample_id: name for name, rows in splits.items() for s in rows}
 
 
+def samples_of(splits: Mapping[str, Sequence[Sample]], split: str) -> list[Sample]:
+    """The samples an evaluation on `split` scores: one split's evaluable samples (`train_only` sources
+    are not the target distribution), or with `all` every image of the sources, train and
+    `train_only` included (optimistic for a model trained on them: it has seen those images)."""
+    if split == "all":
+        return [s for name in SPLITS for s in splits.get(name, ())]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+    return [s for s in splits.get(split, ()) if s.role != "train_only"]
+
+
 def split_counts(splits: Mapping[str, Sequence[Sample]]) -> dict[str, dict[str, int]]:
     """{"train": {"0": n, "1": n, "total": n}, ...} for every split."""
     counts = {}

@@ -1,19 +1,19 @@
-"""Champion/challenger: compare two bundles on the same test split under the same FNR constraint,
-decide whether to promote, and move MLflow aliases with a record of who did it and why.
+"""Champion/challenger in the MLflow registry: fetch and score bundles, compare a challenger with the
+champion on the same test split under the same FNR constraint, move aliases, and keep the
+append-only promotion history on the registered model and its versions.
 
-The statistics (paired bootstrap on the MCC difference, coverage at the guaranteed FNR) are plain
-numpy/scipy functions at the top of this module, testable without MLflow or Prefect; the tasks below
-them fetch bundles from the registry and write tags, descriptions and artifacts.
+The statistics and the promote/keep rule live in stage1core.comparison, the history's logic in
+stage1core.history; the tasks here fetch bundles, read and write the registry, and publish artifacts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import getpass
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,222 +22,34 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from stage1core.bundle import BundleError, load_bundle, read_manifest
+from stage1core.comparison import (
+    ComparisonConfig,
+    MetricFloor,
+    baseline_problems,
+    check_floor,
+    compare_predictions,
+    comparison_markdown,
+    comparison_table,
+    decide,
+    floor_report,
+    fmt,
+    history_figures,
+)
+from stage1core.fingerprint import fingerprint
 from stage1core.guarantees import GuaranteeConfig, fnr_threshold
+from stage1core.history import (
+    encode_entry,
+    entries_from_tags,
+    entry_key,
+    history_markdown,
+    rollback_target,
+    rolled_back_from,
+)
 from stage1core.home import home_path
-from stage1core.metrics import binary_metrics
 from stage1core.sources import read_bytes
 from stage1core.splits import read_split_manifest
 
 CHAMPION = "champion"
-
-
-@dataclass(frozen=True)
-class MetricFloor:
-    """What any champion must reach on its own test split (from the bundle's metrics.json)."""
-
-    min_mcc: float = 0.0  # test MCC at the guaranteed threshold
-    min_auroc: float = 0.5  # test AUROC; 0.5 is chance
-    max_fnr: float | None = None  # test FNR; None: the bundle's own guaranteed alpha
-
-    def __post_init__(self) -> None:
-        if not -1.0 <= self.min_mcc <= 1.0:
-            raise ValueError(f"MetricFloor.min_mcc must be in [-1, 1], got {self.min_mcc}")
-        if not 0.0 <= self.min_auroc <= 1.0:
-            raise ValueError(f"MetricFloor.min_auroc must be in [0, 1], got {self.min_auroc}")
-        if self.max_fnr is not None and not 0.0 <= self.max_fnr <= 1.0:
-            raise ValueError(f"MetricFloor.max_fnr must be in [0, 1] or null, got {self.max_fnr}")
-
-
-@dataclass(frozen=True)
-class ComparisonConfig:
-    """How `retrain` judges a challenger against the champion."""
-
-    # the challenger's test MCC must exceed the champion's by at least this much (point estimate)
-    min_mcc_gain: float = 0.01
-    # also require the lower end of the bootstrap interval on the MCC gain to be above zero
-    require_significant: bool = False
-    # paired bootstrap over test images: resamples, interval level, seed
-    n_bootstrap: int = 2000
-    confidence: float = 0.95
-    seed: int = 0
-    # move `champion` automatically when the challenger wins; off: report only, promote by hand
-    auto_promote: bool = True
-    # the floor the challenger must meet before it can be promoted at all
-    floor: MetricFloor = field(default_factory=MetricFloor)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.floor, dict):  # from a JSON form
-            object.__setattr__(self, "floor", MetricFloor(**self.floor))
-        if self.n_bootstrap < 100:
-            raise ValueError(f"ComparisonConfig.n_bootstrap must be >= 100, got {self.n_bootstrap}")
-        if not 0.5 < self.confidence < 1.0:
-            raise ValueError(f"ComparisonConfig.confidence must be in (0.5, 1), got {self.confidence}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# statistics
-
-
-def _mcc_from_counts(tp, fp, fn, tn) -> np.ndarray:
-    """MCC from confusion counts (arrays), 0 where undefined (sklearn's convention)."""
-    tp, fp, fn, tn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn, tn))
-    den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mcc = (tp * tn - fp * fn) / den
-    return np.where(den > 0, mcc, 0.0)
-
-
-def _mcc(y: np.ndarray, pred: np.ndarray, axis: int = -1) -> np.ndarray:
-    y, pred = y.astype(bool), pred.astype(bool)
-    return _mcc_from_counts((pred & y).sum(axis), (pred & ~y).sum(axis), (~pred & y).sum(axis),
-                            (~pred & ~y).sum(axis))
-
-
-def paired_mcc_difference(y: np.ndarray, pred_challenger: np.ndarray, pred_champion: np.ndarray, *,
-                          n_bootstrap: int = 2000, confidence: float = 0.95, seed: int = 0
-                          ) -> tuple[float, float, float]:
-    """MCC(challenger) - MCC(champion) on the same images, with a paired percentile bootstrap interval.
-
-    Paired: each resample draws test images (with replacement) and scores both models on the same
-    draw, so the interval reflects the difference, not two independent noises.
-    """
-    from scipy.stats import bootstrap
-
-    y = np.asarray(y, dtype=bool)
-    a = np.asarray(pred_challenger, dtype=bool)
-    b = np.asarray(pred_champion, dtype=bool)
-    diff = float(_mcc(y, a) - _mcc(y, b))
-    if y.size < 2 or np.array_equal(a, b):
-        return diff, diff, diff
-
-    def statistic(yy, aa, bb, axis=-1):
-        return _mcc(yy, aa, axis) - _mcc(yy, bb, axis)
-
-    res = bootstrap((y, a, b), statistic, paired=True, vectorized=True, n_resamples=n_bootstrap,
-                    confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
-    low, high = res.confidence_interval
-    return diff, float(low), float(high)
-
-
-def coverage_at_fnr(y: np.ndarray, p: np.ndarray, threshold: float, alpha: float) -> float:
-    """Largest share of images that can be decided automatically, most confident first, with the FNR
-    among the accepted images <= alpha (the rest would go to a human). Confidence = distance of
-    p from the threshold. 1.0 when every image can be accepted."""
-    y = np.asarray(y, dtype=bool)
-    p = np.asarray(p, dtype=np.float64)
-    if y.size == 0:
-        return float("nan")
-    order = np.argsort(-np.abs(p - threshold), kind="stable")
-    yy, missed = y[order], (p[order] < threshold) & y[order]
-    pos, fn = np.cumsum(yy), np.cumsum(missed)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fnr = np.where(pos > 0, fn / np.maximum(pos, 1), 0.0)
-    ok = np.flatnonzero(fnr <= alpha + 1e-12)
-    return float((ok.max() + 1) / y.size) if ok.size else 0.0
-
-
-def compare_predictions(*, labels: np.ndarray, challenger: np.ndarray, challenger_threshold: float,
-                        champion: np.ndarray, champion_threshold: float, alpha: float,
-                        config: ComparisonConfig) -> dict[str, Any]:
-    """Metrics of both models on the same test images at their thresholds (both fitted for the same
-    FNR constraint), and the paired bootstrap interval on the MCC difference."""
-    y = np.asarray(labels)
-    out: dict[str, Any] = {"n_test": int(y.size), "n_test_pos": int(y.sum())}
-    for name, p, t in (("challenger", challenger, challenger_threshold), ("champion", champion, champion_threshold)):
-        m = binary_metrics(y, p, threshold=t)
-        out[name] = {"mcc": m["mcc"], "auroc": m["auroc"], "fnr": m["fnr"], "fpr": m["fpr"],
-                     "accuracy": m["accuracy"], "threshold": float(t),
-                     "coverage_at_fnr": coverage_at_fnr(y, p, t, alpha)}
-    diff, low, high = paired_mcc_difference(
-        y, np.asarray(challenger) >= challenger_threshold, np.asarray(champion) >= champion_threshold,
-        n_bootstrap=config.n_bootstrap, confidence=config.confidence, seed=config.seed)
-    out["mcc_gain"] = {"estimate": diff, "low": low, "high": high, "confidence": config.confidence}
-    return out
-
-
-def check_floor(metrics: dict[str, Any], floor: MetricFloor, *, alpha: float) -> list[str]:
-    """Reasons why a bundle's test metrics fall below the floor (empty list: it passes)."""
-    problems = []
-    mcc, auroc, fnr = metrics.get("mcc"), metrics.get("auroc"), metrics.get("fnr")
-    max_fnr = alpha if floor.max_fnr is None else floor.max_fnr
-    if mcc is None or mcc < floor.min_mcc:
-        problems.append(f"test MCC {fmt(mcc)} is below the floor {floor.min_mcc}")
-    if auroc is None or auroc < floor.min_auroc:
-        problems.append(f"test AUROC {fmt(auroc)} is below the floor {floor.min_auroc}")
-    if fnr is None or fnr > max_fnr:
-        problems.append(f"test FNR {fmt(fnr)} is above the allowed {max_fnr}")
-    return problems
-
-
-def decide(comparison: dict[str, Any] | None, config: ComparisonConfig, *, floor_problems: list[str]
-           ) -> tuple[bool, str]:
-    """(promote?, why) from a comparison (None: there is no champion yet)."""
-    if floor_problems:
-        return False, "challenger is below the metric floor: " + "; ".join(floor_problems)
-    if comparison is None:
-        return True, "no champion yet: the first registered model that meets the floor becomes champion"
-    gain = comparison["mcc_gain"]
-    ci = f"[{gain['low']:+.4f}, {gain['high']:+.4f}] ({gain['confidence']:.0%} paired bootstrap)"
-    if gain["estimate"] < config.min_mcc_gain:
-        return False, (f"MCC gain {gain['estimate']:+.4f} {ci} is below the required margin "
-                       f"{config.min_mcc_gain:+.4f}; the champion stays")
-    if config.require_significant and gain["low"] <= 0:
-        return False, (f"MCC gain {gain['estimate']:+.4f} meets the margin but its interval {ci} includes 0; "
-                       "the champion stays")
-    return True, f"MCC gain {gain['estimate']:+.4f} {ci} meets the margin {config.min_mcc_gain:+.4f}"
-
-
-def fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else f"{v:.4f}"
-    return "n/a" if v is None else str(v)
-
-
-def comparison_table(report: dict[str, Any]) -> list[dict[str, str]]:
-    comp = report.get("comparison")
-    rows = []
-    for key, label in (("mcc", "MCC"), ("auroc", "AUROC"), ("fnr", "FNR"), ("fpr", "FPR"),
-                       ("accuracy", "accuracy"), ("coverage_at_fnr", "coverage at FNR ≤ α"),
-                       ("policy_coverage", "coverage of the bundle's policy"), ("threshold", "threshold")):
-        ch = comp["challenger"].get(key) if comp else report["challenger_metrics"].get(key)
-        cp = comp["champion"].get(key) if comp else None
-        delta = ch - cp if isinstance(ch, float) and isinstance(cp, float) else None
-        rows.append({"metric": label, "challenger": fmt(ch), "champion": fmt(cp),
-                     "difference": "n/a" if delta is None else f"{delta:+.4f}"})
-    return rows
-
-
-def comparison_markdown(report: dict[str, Any]) -> str:
-    comp = report.get("comparison")
-    rows = "\n".join(f"| {r['metric']} | {r['challenger']} | {r['champion']} | {r['difference']} |"
-                     for r in comparison_table(report))
-    champion = (f"v{report['champion_version']}" if report.get("champion_version") else "none")
-    verdict = "**PROMOTED** to `champion`" if report["promoted"] else "**NOT PROMOTED**: champion kept"
-    if report["decision"] == "promote" and not report["promoted"]:
-        verdict = "**WINS** but auto-promotion is off: promote by hand with the `promote` flow"
-    lines = [
-        f"# retrain: challenger v{report['challenger_version']} vs champion {champion}",
-        "",
-        f"{verdict}. {report['reason']}.",
-        "",
-    ]
-    if comp:
-        gain = comp["mcc_gain"]
-        lines += [
-            f"Same test split ({comp['n_test']} images, {comp['n_test_pos']} roadwork; split manifest "
-            f"`{report['split_fingerprint'][:16]}`), same FNR constraint (α = {report['alpha']}, "
-            f"δ = {report['delta']}): the champion's threshold is refitted on the challenger's calib split.",
-            "",
-            f"MCC gain {gain['estimate']:+.4f}, {gain['confidence']:.0%} paired bootstrap interval "
-            f"[{gain['low']:+.4f}, {gain['high']:+.4f}]; required margin {report['min_mcc_gain']:+.4f}"
-            + (" and an interval above 0." if report["require_significant"] else "."),
-            "",
-        ]
-    lines += ["| metric | challenger | champion | difference |", "|---|---|---|---|", rows, ""]
-    if comp and comp.get("n_test_champion") is not None:
-        lines += [f"Test images the champion was reported on: {comp['n_test_champion']}; added since: "
-                  f"{comp['n_test'] - comp['n_test_champion']}.", ""]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,17 +144,78 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def rule_fingerprint(config: ComparisonConfig) -> str:
+    """What a judgement depended on besides the two bundles: the rule (auto_promote aside)."""
+    return fingerprint("comparison-rule", dataclasses.replace(config, auto_promote=True))[:16]
+
+
 def requester(requested_by: str = "") -> str:
     if requested_by:
         return requested_by
     return os.environ.get("STAGE1_USER") or getpass.getuser()
 
 
+# ---------------------------------------------------------------------------------------------------
+# the promotion history
+
+
+def read_history(model_name: str) -> list[dict[str, Any]]:
+    """The model's promotion history, oldest first (empty when the model or its history is absent)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import client
+
+    try:
+        tags = client().get_registered_model(model_name).tags
+    except MlflowException:
+        return []
+    return entries_from_tags(tags)
+
+
+def append_history(model_name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append one entry: a new tag on the registered model and on every version it names (the new
+    holder, the one it replaced, the challenger judged). Existing entries are never rewritten."""
+    from tasks.tracking import client
+
+    mc = client()
+    now = _dt.datetime.now(_dt.UTC)
+    entry = {"at": now.isoformat(timespec="seconds"), **entry}
+    key, value = entry_key(now), encode_entry(entry)
+    mc.set_registered_model_tag(model_name, key, value)
+    for version in {str(entry.get(k)) for k in ("version", "from_version", "challenger") if entry.get(k)}:
+        mc.set_model_version_tag(model_name, version, key, value)
+    return {**entry, "key": key}
+
+
+def publish_history(model_name: str, *, version: str | None = None) -> list[dict[str, Any]]:
+    """The whole history as a Prefect markdown artifact (`promotion-history`, versioned by Prefect)
+    and as `registry/promotion_history.json` on the MLflow run of `version` (the new champion)."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import client
+
+    entries = read_history(model_name)
+    create_markdown_artifact(key="promotion-history", markdown=history_markdown(model_name, entries),
+                             description=f"alias moves and retrain decisions of {model_name}")
+    mv = get_version(model_name, version=version) if version else None
+    if mv is not None and mv.run_id:
+        try:
+            client().log_dict(mv.run_id, {"model": model_name, "entries": entries}, "registry/promotion_history.json")
+        except MlflowException as exc:  # a deleted run: the tags still hold the history
+            get_run_logger().warning("could not log the history on run %s: %s", mv.run_id, exc)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# tasks
+
+
 @task(name="compare_with_champion")
 def compare_with_champion(*, model_name: str, challenger_version: str, split_manifest: str,
                           guarantee: GuaranteeConfig, config: ComparisonConfig) -> dict[str, Any]:
     """Score the champion on the challenger's calib and test images, refit its threshold on that calib
-    split for the same (alpha, delta), compare on test, and decide. Returns a JSON-able report."""
+    split for the same (alpha, delta), compare on test, and decide (stage1core.comparison.decide).
+    Returns a JSON-able report."""
     logger = get_run_logger()
     challenger_mv = get_version(model_name, version=challenger_version)
     champion_mv = get_version(model_name, alias=CHAMPION)
@@ -353,18 +226,25 @@ def compare_with_champion(*, model_name: str, challenger_version: str, split_man
     report: dict[str, Any] = {
         "model_name": model_name, "challenger_version": str(challenger_version),
         "champion_version": str(champion_mv.version) if champion_mv else None,
-        "alpha": guarantee.alpha, "delta": guarantee.delta, "min_mcc_gain": config.min_mcc_gain,
-        "require_significant": config.require_significant, "split_fingerprint": manifest["fingerprint"],
+        "alpha": guarantee.alpha, "delta": guarantee.delta, "rule": config.describe(guarantee.alpha),
+        "rule_fingerprint": rule_fingerprint(config), "split_fingerprint": manifest["fingerprint"],
         "challenger_metrics": {k: challenger_metrics.get(k) for k in ("mcc", "auroc", "fnr", "fpr", "accuracy")}
         | {"policy_coverage": challenger_metrics.get("coverage")},
-        "comparison": None, "created_at": _now(),
+        "comparison": None, "checks": [], "figures": {}, "created_at": _now(),
     }
     report["challenger_metrics"]["threshold"] = thresholds["threshold"]
+    if champion_mv is not None and str(champion_mv.version) == str(challenger_version):
+        report.update(decision="keep", reason=f"the challenger v{challenger_version} is the champion already "
+                                              "(no new data or settings): nothing to decide")
+        return report
     floor_problems = check_floor(challenger_metrics, config.floor, alpha=guarantee.alpha)
     floor_problems += baseline_problems(challenger_dir)
-    if champion_mv is not None and str(champion_mv.version) == str(challenger_version):
-        report.update(decision="keep", reason="the challenger is the champion's bundle (no new data or settings)")
-        return report
+    demoted = rolled_back_from(read_history(model_name), str(challenger_version))
+    blocked = (f"v{challenger_version} was rolled back by {demoted.get('by')} on {demoted.get('at')} "
+               f"({demoted.get('reason', '')}); retrain does not bring it back, promote it by hand if wanted"
+               if demoted else "")
+    comp = None
+    n_pos, n_test = challenger_metrics.get("n_pos", 0), challenger_metrics.get("n", 0)
     if champion_mv is not None:
         champion_dir = fetch_bundle(model_name, champion_mv)
         preds = json.loads((challenger_dir / "test_predictions.json").read_text())
@@ -387,46 +267,69 @@ def compare_with_champion(*, model_name: str, challenger_version: str, split_man
         comp["challenger"]["policy_coverage"] = (float(np.mean(np.array(preds["decision"]) >= 0))
                                                  if "decision" in preds else 1.0)
         report["comparison"] = comp
+        n_pos, n_test = comp["n_test_pos"], comp["n_test"]
         logger.info("challenger v%s vs champion v%s on %d test images: MCC %.4f vs %.4f",
                     challenger_version, champion_mv.version, comp["n_test"], comp["challenger"]["mcc"],
                     comp["champion"]["mcc"])
-        promote, reason = decide(comp, config, floor_problems=floor_problems)
-    else:
-        promote, reason = decide(None, config, floor_problems=floor_problems)
-    report.update(decision="promote" if promote else "keep", reason=reason)
+    decision = decide(comp, config, floor_problems=floor_problems, n_test_pos=int(n_pos),
+                      n_test_neg=int(n_test - n_pos), alpha=guarantee.alpha, blocked=blocked)
+    report.update(decision="promote" if decision.promote else "keep", reason=decision.reason,
+                  checks=list(decision.checks))
+    report["figures"] = history_figures(report)
     return report
 
 
 @task(name="set_champion")
-def set_champion(*, model_name: str, version: str, requested_by: str, reason: str,
-                 flow_run_id: str = "", alias: str = CHAMPION) -> dict[str, str]:
-    """Point `alias` at `version`, recording who, why and when on the new version and on the one it
-    replaces (so a rollback knows where to go back to)."""
+def set_champion(*, model_name: str, version: str, requested_by: str, reason: str, flow_run_id: str = "",
+                 alias: str = CHAMPION, action: str = "promote", challenger: str = "",
+                 figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Point `alias` at `version` and append the move to the history (who, when, why, from which
+    version, `figures`). Moving the alias to the version that already holds it changes nothing and
+    says so (`changed: False`)."""
     from tasks.tracking import client
 
+    logger = get_run_logger()
     mc = client()
     previous = get_version(model_name, alias=alias)
-    when = _now()
+    before = str(previous.version) if previous else ""
+    out = {"model_name": model_name, "alias": alias, "version": str(version), "previous_version": before,
+           "requested_by": requested_by, "action": action}
+    if before == str(version):
+        since = previous.tags.get(f"{alias}.promoted_at", "?")
+        by = previous.tags.get(f"{alias}.promoted_by", "?")
+        message = f"v{version} is already @{alias} (since {since}, by {by}): nothing changed"
+        logger.info("%s %s", model_name, message)
+        return {**out, "changed": False, "message": message}
     mc.set_registered_model_alias(model_name, alias, str(version))
+    when = _now()
     record = {f"{alias}.promoted_by": requested_by, f"{alias}.promoted_reason": reason[:4000],
-              f"{alias}.promoted_at": when, f"{alias}.previous_version": str(previous.version) if previous else "none"}
+              f"{alias}.promoted_at": when, f"{alias}.previous_version": before or "none",
+              f"{alias}.promoted_action": action}
     if flow_run_id:
         record[f"{alias}.promoted_by_flow_run"] = flow_run_id
     for key, value in record.items():
         mc.set_model_version_tag(model_name, str(version), key, value)
-    if previous is not None and str(previous.version) != str(version):
-        mc.set_model_version_tag(model_name, str(previous.version), f"{alias}.replaced_by", str(version))
-        mc.set_model_version_tag(model_name, str(previous.version), f"{alias}.replaced_at", when)
-    get_run_logger().info("%s @%s: v%s -> v%s (%s, by %s)", model_name, alias,
-                          previous.version if previous else "none", version, reason, requested_by)
-    return {"model_name": model_name, "alias": alias, "version": str(version),
-            "previous_version": str(previous.version) if previous else "", "requested_by": requested_by}
+    for stale in (f"{alias}.replaced_by", f"{alias}.replaced_at"):  # it holds the alias again
+        if stale in (get_version(model_name, version=str(version)).tags or {}):
+            mc.delete_model_version_tag(model_name, str(version), stale)
+    if previous is not None:
+        mc.set_model_version_tag(model_name, before, f"{alias}.replaced_by", str(version))
+        mc.set_model_version_tag(model_name, before, f"{alias}.replaced_at", when)
+    entry = append_history(model_name, {
+        "action": action, "alias": alias, "version": str(version), "from_version": before or None,
+        "challenger": challenger or None, "by": requested_by, "reason": reason, "flow_run": flow_run_id or None,
+        "figures": figures or {}})
+    publish_history(model_name, version=str(version))
+    message = f"{model_name} @{alias}: v{before or 'none'} -> v{version} ({action} by {requested_by})"
+    logger.info("%s: %s", message, reason)
+    return {**out, "changed": True, "message": message, "history_entry": entry}
 
 
 @task(name="record_comparison")
-def record_comparison(report: dict[str, Any], *, mlflow_run_id: str) -> None:
+def record_comparison(report: dict[str, Any], *, mlflow_run_id: str, flow_run_id: str = "") -> None:
     """The comparison on the challenger's version (tags + description) and MLflow run (metrics and
-    report), and as Prefect markdown and table artifacts."""
+    report, when there is a run), as Prefect markdown and table artifacts, and, when the champion
+    stays, as a `keep` entry of the promotion history (a promotion was recorded by set_champion)."""
     from tasks.tracking import client
 
     mc = client()
@@ -434,15 +337,13 @@ def record_comparison(report: dict[str, Any], *, mlflow_run_id: str) -> None:
     markdown = comparison_markdown(report)
     comp = report.get("comparison")
     tags = {"retrain.decision": report["decision"], "retrain.promoted": str(report["promoted"]).lower(),
-            "retrain.reason": report["reason"][:4000],
+            "retrain.reason": report["reason"][:4000], "retrain.judged_at": report["created_at"],
             "retrain.champion_version": report["champion_version"] or "none",
-            "retrain.policy": (f"promote if MCC gain >= {report['min_mcc_gain']}"
-                               + (" and interval > 0" if report["require_significant"] else "")
-                               + f" on the same test split at FNR <= {report['alpha']} (delta {report['delta']})")}
+            "retrain.policy": report["rule"][:4000], "retrain.rule_fingerprint": report["rule_fingerprint"]}
     if comp:
-        gain = comp["mcc_gain"]
-        tags.update({"retrain.mcc_gain": f"{gain['estimate']:+.4f}",
-                     "retrain.mcc_gain_interval": f"[{gain['low']:+.4f}, {gain['high']:+.4f}]"})
+        for key in ("mcc_gain", "auroc_gain", "fnr_increase"):
+            d = comp[key]
+            tags[f"retrain.{key}"] = f"{d['estimate']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
     for key, value in tags.items():
         mc.set_model_version_tag(name, version, key, value)
     current = mc.get_model_version(name, version).description or ""
@@ -453,30 +354,156 @@ def record_comparison(report: dict[str, Any], *, mlflow_run_id: str) -> None:
     mc.update_model_version(name, version, description=f"{head}\n### {report['created_at']}\n{body}")
     if mlflow_run_id:
         if comp:
-            for key in ("mcc", "auroc", "coverage_at_fnr"):
+            for key in ("mcc", "auroc", "fnr", "coverage_at_fnr"):
                 for side in ("challenger", "champion"):
                     value = comp[side][key]
                     if isinstance(value, float) and np.isfinite(value):
                         mc.log_metric(mlflow_run_id, f"compare/{side}_{key}", value)
-            mc.log_metric(mlflow_run_id, "compare/mcc_gain", comp["mcc_gain"]["estimate"])
+            for key in ("mcc_gain", "auroc_gain", "fnr_increase"):
+                for end in ("estimate", "low", "high"):
+                    value = comp[key][end]
+                    if np.isfinite(value):
+                        mc.log_metric(mlflow_run_id, f"compare/{key}" + ("" if end == "estimate" else f"_{end}"), value)
         mc.log_text(mlflow_run_id, markdown, "comparison/report.md")
         mc.log_dict(mlflow_run_id, report, "comparison/report.json")
+    if not report["promoted"] and report["champion_version"] != version:
+        append_history(name, {
+            "action": "keep", "alias": CHAMPION, "version": report["champion_version"],
+            "from_version": report["champion_version"], "challenger": version, "by": "retrain",
+            "reason": report["reason"], "flow_run": flow_run_id or None, "figures": report.get("figures") or {}})
+        publish_history(name)
     create_markdown_artifact(key="champion-challenger", markdown=markdown,
                              description=f"retrain decision for {name} v{version}")
     create_table_artifact(key="champion-challenger-table", table=comparison_table(report),
                           description=f"challenger v{version} vs champion on the same test split")
 
 
-def baseline_problems(bundle_dir: Path) -> list[str]:
-    """A bundle whose head lost to a baseline on its own test split is never promoted."""
-    path = Path(bundle_dir) / "baselines.json"
-    if not path.exists():
-        return []
-    comparison = json.loads(path.read_text())["comparison"]
-    return [comparison["verdict"]] if comparison["loses"] else []
+# ---------------------------------------------------------------------------------------------------
+# retrains that change nothing
 
 
-def floor_report(bundle_dir: Path, floor: MetricFloor) -> tuple[dict[str, Any], list[str]]:
-    metrics = json.loads((bundle_dir / "metrics.json").read_text())
-    alpha = json.loads((bundle_dir / "thresholds.json").read_text())["alpha"]
-    return metrics, check_floor(metrics, floor, alpha=alpha) + baseline_problems(bundle_dir)
+def retrain_inputs(split_fingerprint: str, parameters: dict[str, Any]) -> str:
+    """Everything a retrain's challenger depends on: the split (data and assignment), the training
+    parameters and the code. Equal inputs give the same bundle, so training again changes nothing."""
+    from tasks.caching import code_fingerprint
+
+    return fingerprint("retrain-inputs", split_fingerprint, parameters, code_fingerprint())
+
+
+@task(name="find_retrained")
+def find_retrained(*, experiment: str, model_name: str, inputs: str, config: ComparisonConfig
+                   ) -> dict[str, Any] | None:
+    """The finished training run of an earlier retrain with these inputs and its registered version,
+    or None. `no_op` is true when judging it again could not change anything either: it is the
+    champion, or it was kept against the current champion under this rule."""
+    from tasks.tracking import client
+
+    mc = client()
+    exp = mc.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mc.search_runs([exp.experiment_id], filter_string=f"tags.retrain_inputs = '{inputs}' and "
+                          "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+    ref = runs[0].data.tags.get("model_version", "") if runs else ""
+    if not ref.startswith(f"{model_name}/"):
+        return None
+    version = ref.rsplit("/", 1)[1]
+    mv = get_version(model_name, version=version)
+    if mv is None:
+        return None
+    champion = get_version(model_name, alias=CHAMPION)
+    champion_version = str(champion.version) if champion else "none"
+    found = {"run_id": runs[0].info.run_id, "version": version, "champion_version": champion_version}
+    if champion_version == version:
+        return {**found, "no_op": True,
+                "why": f"v{version} was trained on the same data and settings and is the champion"}
+    judged = mv.tags.get("retrain.decision")
+    # a `promote` verdict that did not stick (auto-promotion off, or rolled back since) is judged again
+    if (judged == "keep" and mv.tags.get("retrain.champion_version") == champion_version
+            and mv.tags.get("retrain.rule_fingerprint") == rule_fingerprint(config)):
+        return {**found, "no_op": True, "why": (
+            f"v{version} was trained on the same data and settings and judged against champion "
+            f"{'v' + champion_version if champion else 'none'} under this rule on "
+            f"{mv.tags.get('retrain.judged_at', '?')}: {judged} ({mv.tags.get('retrain.reason', '')})")}
+    return {**found, "no_op": False, "why": (
+        f"v{version} was trained on the same data and settings; the champion or the rule changed since "
+        "it was judged: judging it again without training")}
+
+
+@task(name="mark_retrained")
+def mark_retrained(mlflow_run_id: str, inputs: str) -> None:
+    """Tag the training run with its retrain inputs, so the next retrain with the same ones is a no-op."""
+    from tasks.tracking import client
+
+    client().set_tag(mlflow_run_id, "retrain_inputs", inputs)
+
+
+@task(name="report_no_op")
+def report_no_op(found: dict[str, Any], *, model_name: str, trigger: str) -> dict[str, Any]:
+    """A retrain that had nothing to do: says so in a Prefect artifact; writes nothing to MLflow."""
+    message = (f"# retrain: nothing to do\n\nNo new images and no new settings since MLflow run "
+               f"`{found['run_id']}`: {found['why']}. Nothing was trained, registered or logged "
+               f"(trigger: {trigger}).\n")
+    create_markdown_artifact(key="champion-challenger", markdown=message,
+                             description=f"retrain no-op for {model_name} v{found['version']}")
+    get_run_logger().info("retrain: no-op: %s", found["why"])
+    return {"model_name": model_name, "decision": "no-op", "promoted": False, "reason": found["why"],
+            "challenger_version": found["version"], "champion_version": found["champion_version"],
+            "previous_run_id": found["run_id"], "trigger": trigger, "created_at": _now()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# promotion by hand
+
+
+def find_rollback_target(model_name: str, *, alias: str = CHAMPION) -> tuple[str, str]:
+    """(version, why) a rollback of `alias` goes to (stage1core.history.rollback_target); raises
+    ValueError, saying why, when there is none."""
+    current = get_version(model_name, alias=alias)
+    target, why = rollback_target(read_history(model_name), str(current.version) if current else None, alias=alias,
+                                  fallback=current.tags.get(f"{alias}.previous_version") if current else None)
+    if target is None:
+        raise ValueError(f"{model_name}: cannot roll back: {why}")
+    return target, why
+
+
+@task(name="resolve_promotion")
+def resolve_promotion(*, version: str, model_name: str, alias: str = CHAMPION) -> dict[str, Any]:
+    """The registered version a promotion asks for, and who holds the alias now. `previous` means a
+    rollback: the version the current holder replaced when it was last promoted (stage1core.history)."""
+    if version.strip() == "previous":
+        name = model_name
+        number, rollback = find_rollback_target(name, alias=alias)
+        source_alias = None
+    else:
+        name, number, source_alias = parse_model_ref(version, model_name)
+        rollback = ""
+    mv = get_version(name, version=number, alias=source_alias)
+    if mv is None:
+        raise ValueError(f"{name}: no version {version!r} in the MLflow registry (`stage1 history` and MLflow's "
+                         "Models page list the versions)")
+    holder = get_version(name, alias=alias)
+    return {"model_name": name, "version": str(mv.version), "holder": str(holder.version) if holder else "",
+            "rollback_target_why": rollback}
+
+
+@task(name="check_promotable")
+def check_promotable(*, model_name: str, version: str, floor: MetricFloor) -> dict[str, Any]:
+    """Fetch and verify the version's bundle (schema, sha256 of every file, fingerprint tag) and check
+    it against the floor and its baselines. Raises, naming the reason, when it may not be champion."""
+    mv = get_version(model_name, version=version)
+    try:
+        bundle = fetch_bundle(model_name, mv)
+    except BundleError as exc:
+        raise BundleError(f"refusing to promote {model_name} v{version}: {exc}") from exc
+    metrics, problems = floor_report(bundle, floor)
+    if problems:
+        raise ValueError(f"refusing to promote {model_name} v{version}: " + "; ".join(problems)
+                         + " (the default floor is MetricFloor in stage1core/comparison.py)")
+    summary = (f"Bundle `{bundle.name}` verified (sha256 of every file); test MCC {fmt(metrics.get('mcc'))}, "
+               f"AUROC {fmt(metrics.get('auroc'))}, FNR {fmt(metrics.get('fnr'))} meet the floor "
+               f"(MCC ≥ {floor.min_mcc}, AUROC ≥ {floor.min_auroc}, FNR ≤ "
+               f"{'α' if floor.max_fnr is None else floor.max_fnr}) and no baseline beats the head.")
+    figures = {f"test_{k}": round(metrics[k], 4) for k in ("mcc", "auroc", "fnr")
+               if isinstance(metrics.get(k), float) and np.isfinite(metrics[k])}
+    return {"bundle_path": str(bundle), "metrics": metrics, "figures": figures, "summary": summary}
