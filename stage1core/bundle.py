@@ -282,7 +282,7 @@ class Predictor:
         except BackboneError as exc:
             raise BundleError(f"{bundle_dir}: {exc}") from exc
         # a fine-tuned bundle carries DoRA/LoRA adapters (or merged weights); folded in for speed
-        from .finetune import attach_bundle_adapters
+        from .adapters import attach_bundle_adapters
 
         self.backbone = attach_bundle_adapters(backbone, bundle_dir, manifest, merge=True)
         try:

@@ -1,4 +1,5 @@
-"""Stable content hashes (sha256) of bytes, files and configs, and small artifact references.
+"""Stable content hashes (sha256) of bytes, files and configs, seeds derived from them, and small
+artifact references.
 
 The same functions key stage1core's on-disk stores and Prefect's task cache, so the CLI, the tests
 and Prefect agree on what "the same input" means.
@@ -68,3 +69,10 @@ class ArtifactRef:
 
     def exists(self) -> bool:
         return Path(self.path).exists()
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit RNG seed that is a pure function of `parts` (JSON-serialisable): the same in every
+    process and on every machine, unlike Python's `hash()`."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
