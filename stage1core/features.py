@@ -357,7 +357,3 @@ def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: st
     bar.close()
     return failed
 
-
-def open_store(info: FeatureSetInfo | str | Path) -> FeatureStore:
-    root = info.store_dir if isinstance(info, FeatureSetInfo) else info
-    return FeatureStore(root)

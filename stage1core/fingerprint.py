@@ -1,5 +1,4 @@
-"""Stable content hashes (sha256) of bytes, files and configs, seeds derived from them, and small
-artifact references.
+"""Stable content hashes (sha256) of bytes, files and configs, and seeds derived from them.
 
 The same functions key stage1core's on-disk stores and Prefect's task cache, so the CLI, the tests
 and Prefect agree on what "the same input" means.
@@ -59,16 +58,6 @@ def fingerprint(*parts: Any) -> str:
     """sha256 of the canonical JSON of `parts` (configs, other fingerprints, small lists)."""
     return sha256_bytes(canonical_json(list(parts)).encode())
 
-
-@dataclasses.dataclass(frozen=True)
-class ArtifactRef:
-    """A small reference passed between tasks: where an artifact is and what it contains."""
-
-    path: str
-    fingerprint: str
-
-    def exists(self) -> bool:
-        return Path(self.path).exists()
 
 
 def derived_seed(*parts: Any) -> int:
