@@ -17,13 +17,12 @@ from stage1core.demo import (
     DEFAULT_N_IMAGES,
     LARGE_SIZE,
     DemoConfig,
-    _plan,
-    _render_spec,
     demo_dataset_ready,
     generate_demo_dataset,
     render_demo_image,
     render_scene,
 )
+from stage1core.demo.dataset import _plan, _render_spec
 
 SMALL = DemoConfig(n_images=40, seed=3, n_large=1, png_fraction=0.1, exif_fraction=0.1)
 
