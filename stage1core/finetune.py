@@ -4,10 +4,10 @@ The feature cache cannot serve this path: every step decodes images, augments th
 transforms with the backbone's data config) and runs the adapted backbone. The loop mirrors
 `stage1core.train.fit_head` and shares its pieces (`stage1core.loop`): the same loss per head kind
 (class-weighted CE with label smoothing, or for the selective head the SelectiveNet loss over its cls,
-gate and aux outputs; `finetune_loss`), timm's cosine schedule with warmup stepped per optimizer step,
-timm's ModelEmaV3 with warmup, and the same choice of weights: the (EMA) weights of the evaluation with
-the best class-balanced Brier score on val, never one that ends inside the LR warmup, with early
-stopping on that score. The optimizer is F-SAM (`stage1core.fsam`) or plain AdamW.
+gate and aux outputs; `classifier.finetune_loss`), timm's cosine schedule with warmup stepped per
+optimizer step, timm's ModelEmaV3 with warmup, and the same choice of weights: the (EMA) weights of the
+evaluation with the best class-balanced Brier score on val, never one that ends inside the LR warmup,
+with early stopping on that score. The optimizer is F-SAM (`stage1core.fsam`) or plain AdamW.
 
 Exact resume. Everything random is a pure function of the seed or is checkpointed: the sample order
 of epoch e is a permutation seeded by (seed, e); the augmentation of sample i in epoch e runs under
