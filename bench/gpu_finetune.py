@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stage1core.fsam import fsam_training_step, make_optimizer  # noqa: E402
 from stage1core.heads import MLPHead  # noqa: E402
-from stage1core.peft import AdapterConfig, apply_adapters, fsam_training_step, make_optimizer  # noqa: E402
+from stage1core.peft import AdapterConfig, apply_adapters  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -10,9 +10,7 @@ backbone weights' hash before it builds a Predictor.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
-import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -282,7 +280,7 @@ class Predictor:
         except BackboneError as exc:
             raise BundleError(f"{bundle_dir}: {exc}") from exc
         # a fine-tuned bundle carries DoRA/LoRA adapters (or merged weights); folded in for speed
-        from .finetune import attach_bundle_adapters
+        from .adapters import attach_bundle_adapters
 
         self.backbone = attach_bundle_adapters(backbone, bundle_dir, manifest, merge=True)
         try:
@@ -352,15 +350,3 @@ def load_bundle(bundle_dir: str | Path, *, device: str = "auto",
     manifest = read_manifest(root)
     return Predictor(root, manifest, device=device, weights_override=weights_override)
 
-
-def copy_bundle(src: str | Path, dst: str | Path) -> Path:
-    """Copy a verified bundle (used when logging it as an MLflow artifact)."""
-    read_manifest(src)
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    return Path(dst)
-
-
-def encode_jpeg(image, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .backbone import (
     BackboneConfig,
@@ -35,8 +35,8 @@ from .backbone import (
 )
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
 from .home import home_path
-from .images import ImageDecodeError, decode_image
-from .sources import Sample, read_bytes
+from .images import ImageDataset, collate_images, eval_transform
+from .sources import Sample
 from .storage import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,6 @@ def draft_size(pre: dict[str, Any]) -> int | None:
         return None
     size = max(pre["input_size"][1:])
     return int(math.ceil(size / float(pre.get("crop_pct") or 1.0)))
-
-
-def eval_transform(pre: dict[str, Any]):
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"], is_training=False,
-    )
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -231,32 +222,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read feature store file {path}: {exc}") from exc
 
 
-class _ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform, draft: int | None):
-        self.samples = list(samples)
-        self.transform = transform
-        self.draft = draft
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        sample = self.samples[i]
-        try:
-            image = decode_image(read_bytes(sample.locator), draft_size=self.draft)
-            return i, self.transform(image), ""
-        except (ImageDecodeError, OSError, ValueError) as exc:
-            return i, None, f"{type(exc).__name__}: {exc}"
-
-
-def _collate(batch):
-    ok = [(i, x) for i, x, err in batch if x is not None]
-    failed = [(i, err) for i, x, err in batch if x is None]
-    index = [i for i, _ in ok]
-    tensor = torch.stack([x for _, x in ok]) if ok else None
-    return index, tensor, failed
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -282,16 +247,40 @@ def extract_features(
     Work is proportional to the number of new images: a rerun with nothing new loads no model.
     Images that fail to decode are reported in `failed` (with the reason) and not stored.
     """
-    say = log_fn or log.info
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_backbone(backbone)
     skeleton = build_skeleton(spec)
     config = dataclasses.replace(
         config, precision=resolve_precision(config.precision, skeleton, resolve_device(config.device)))
     pre = preprocessing_spec(skeleton, spec, config)
     key = store_key(spec, pre, config.precision)
-    root = feature_store_dir(key, store_root)
     meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
             "precision": config.precision, "dim": feature_dim(skeleton, spec.pooling)}
+    return fill_feature_store(feature_store_dir(key, store_root), meta, samples,
+                              build_model=lambda: build_backbone(spec, verify=False), pre=pre, pooling=spec.pooling,
+                              config=config, progress=progress, say=log_fn or log.info)
+
+
+def fill_feature_store(
+    root: Path,
+    meta: dict[str, Any],
+    samples: Sequence[Sample],
+    *,
+    build_model: Callable[[], torch.nn.Module],
+    pre: dict[str, Any],
+    pooling: str,
+    config: FeatureConfig,
+    progress: bool = True,
+    say: Callable[[str], None] = log.info,
+) -> FeatureSetInfo:
+    """The one way features enter a store: embed, under the store's lock, every sample the store at
+    `root` lacks; return a reference to the features of all samples.
+
+    `meta` describes the store (store.json, written on first use): its "store_key", "dim", "backbone"
+    and whatever else identifies the features. `build_model()` is called only when something is
+    missing. `extract_features` (frozen backbone) and `adapters.extract_adapted_features` (fine-tuned)
+    differ only in the key, the description and the model.
+    """
+    key = meta["store_key"]
     FeatureStore.create(root, meta)
     by_id = {s.sample_id: s for s in samples}
     ids = sorted(by_id)
@@ -309,9 +298,9 @@ def extract_features(
         store = FeatureStore(root)
         todo = [by_id[sid] for sid in store.missing(ids)]
         if todo:
-            say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {spec.name} into {root}")
-            model = build_backbone(spec, verify=False)
-            failed = _embed_into(store, model, todo, pre, spec.pooling, config, progress=progress)
+            say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {meta['backbone']['name']} "
+                f"into {root}")
+            failed = _embed_into(store, build_model(), todo, pre, pooling, config, progress=progress)
     finally:
         lock.release()
     seconds = time.perf_counter() - started
@@ -333,10 +322,10 @@ def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: st
 
     device = resolve_device(config.device)
     model.to(device)
-    dataset = _ImageDataset(todo, eval_transform(pre), draft_size(pre))
+    dataset = ImageDataset(todo, eval_transform(pre), draft_size(pre))
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        collate_fn=collate_images, pin_memory=device.type == "cuda",
         prefetch_factor=4 if config.num_workers else None, persistent_workers=False,
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
@@ -354,7 +343,7 @@ def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: st
             pending[:] = [feats[n:]] if len(pending_ids) else []
 
     with torch.inference_mode():
-        for index, batch, bad in loader:
+        for index, batch, _labels, bad in loader:
             for i, reason in bad:
                 failed.append({"sample_id": todo[i].sample_id, "locator": todo[i].locator, "reason": reason})
             if batch is not None:
@@ -368,7 +357,3 @@ def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: st
     bar.close()
     return failed
 
-
-def open_store(info: FeatureSetInfo | str | Path) -> FeatureStore:
-    root = info.store_dir if isinstance(info, FeatureSetInfo) else info
-    return FeatureStore(root)

@@ -1,4 +1,4 @@
-"""Stable content hashes (sha256) of bytes, files and configs, and small artifact references.
+"""Stable content hashes (sha256) of bytes, files and configs, and seeds derived from them.
 
 The same functions key stage1core's on-disk stores and Prefect's task cache, so the CLI, the tests
 and Prefect agree on what "the same input" means.
@@ -59,12 +59,9 @@ def fingerprint(*parts: Any) -> str:
     return sha256_bytes(canonical_json(list(parts)).encode())
 
 
-@dataclasses.dataclass(frozen=True)
-class ArtifactRef:
-    """A small reference passed between tasks: where an artifact is and what it contains."""
 
-    path: str
-    fingerprint: str
-
-    def exists(self) -> bool:
-        return Path(self.path).exists()
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit RNG seed that is a pure function of `parts` (JSON-serialisable): the same in every
+    process and on every machine, unlike Python's `hash()`."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF

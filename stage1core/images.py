@@ -1,4 +1,6 @@
-"""Decoding images into upright 8-bit RGB, the one input format every later stage assumes.
+"""Decoding images into upright 8-bit RGB, the one input format every later stage assumes, and the
+path from a sample's bytes to a model input: timm's eval and train transforms, and the Dataset that
+feature extraction and fine-tuning both read images through.
 
 Camera JPEGs (4032x3024, often with an EXIF rotation) are decoded with libjpeg's DCT-domain
 downscaling (`draft`) when the caller only needs a small image, which is several times faster than a
@@ -8,12 +10,21 @@ full decode followed by a resize. Anything that is not a complete, decodable ima
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset
+
+from .fingerprint import derived_seed
+from .sources import Sample, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +128,100 @@ def decode_image(
         raise ImageDecodeError(f"cannot convert mode {upright.mode} to RGB ({exc})") from exc
     # never hand back the caller's own object: later in-place edits must not reach it
     return rgb.copy() if rgb is source else rgb
+
+
+def eval_transform(pre: dict[str, Any]):
+    """timm's eval transform (resize, centre crop, normalise) for a preprocessing spec
+    (`features.preprocessing_spec`)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"], is_training=False,
+    )
+
+
+def train_transform(pre: dict[str, Any], *, crop_scale_min: float, hflip: float, color_jitter: float,
+                    auto_augment: str | None, re_prob: float):
+    """timm's training transform for the backbone's data config (input size, mean/std, interpolation)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=tuple(pre["input_size"]), is_training=True, scale=(crop_scale_min, 1.0),
+        hflip=hflip, color_jitter=color_jitter, auto_augment=auto_augment,
+        interpolation=pre["interpolation"], mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        re_prob=re_prob,
+    )
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under Python's, numpy's and torch's CPU RNG seeded by `seed`; restore them afterwards."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+class ImageDataset(Dataset):
+    """Samples decoded (JPEG draft downscaling to `draft`) and transformed; an image that cannot be read
+    or decoded is an item without a tensor and with the reason, never an exception.
+
+    A key is an index, or (epoch, index) for augmented training: the transform then runs under an RNG
+    seeded by (seed, epoch, index), so the augmentation of an image is the same whichever process or
+    DataLoader worker decodes it (exact resume). An item is (index, tensor | None, label, reason).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform, draft: int | None, seed: int = 0):
+        self.samples = list(samples)
+        self.transform = transform
+        self.draft = draft
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (None, key)
+        sample = self.samples[i]
+        try:
+            image = decode_image(read_bytes(sample.locator), draft_size=self.draft)
+        except (OSError, ValueError) as exc:  # ImageDecodeError and the sources' DataError are ValueErrors
+            return i, None, sample.label, f"{type(exc).__name__}: {exc}"
+        if epoch is None:
+            return i, self.transform(image), sample.label, ""
+        with _seeded_rng(derived_seed("augment", self.seed, epoch, i)):
+            return i, self.transform(image), sample.label, ""
+
+
+def epoch_batches(n: int, epoch: int, *, seed: int, batch_size: int, rank: int, world: int,
+                  count: int) -> list[list[tuple[int, int]]]:
+    """The first `count` batches of process `rank` (of `world`) in epoch `epoch` of training on `n`
+    samples, as `ImageDataset` keys (epoch, index): the sample order of an epoch is a permutation seeded
+    by (seed, epoch), and process r takes the r-th `batch_size` slice of every `batch_size * world`."""
+    generator = torch.Generator().manual_seed(derived_seed("order", seed, epoch))
+    order = torch.randperm(n, generator=generator).tolist()
+    out = []
+    for j in range(count):
+        start = j * batch_size * world + rank * batch_size
+        out.append([(epoch, i) for i in order[start:start + batch_size]])
+    return out
+
+
+def collate_images(batch: list[tuple[int, torch.Tensor | None, int, str]]):
+    """(indices, images or None, labels or None, failed) of a batch of `ImageDataset` items; the
+    tensors hold only the decoded images, `failed` is [(index, reason)] for the others."""
+    ok = [(i, x, y) for i, x, y, _ in batch if x is not None]
+    failed = [(i, reason) for i, x, _, reason in batch if x is None]
+    if not ok:
+        return [], None, None, failed
+    return ([i for i, _, _ in ok], torch.stack([x for _, x, _ in ok]),
+            torch.tensor([y for _, _, y in ok], dtype=torch.long), failed)

@@ -2,14 +2,13 @@
 
 Uses matplotlib's non-interactive Agg backend through the object API (Figure + FigureCanvasAgg), so it
 works in headless workers and threads, never touches pyplot's global figure registry, and leaks no
-figures. Every function writes a temp file next to the target, renames it into place, and returns the
-path written.
+figures. Every function writes its PNG atomically (`storage.atomic_write_bytes`) and returns the path
+written.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from stage1core.metrics import ece, fnr_fpr_curve, reliability_curve  # noqa: E402
+from stage1core.storage import atomic_write_bytes  # noqa: E402
 
 __all__ = ["plot_fnr_fpr", "plot_reliability", "plot_risk_coverage"]
 
@@ -36,18 +36,16 @@ def _new_figure() -> tuple[Figure, Any]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _finish(fig: Figure, ax: Any, path: str | Path, *, xlabel: str, ylabel: str, title: str, legend: str) -> Path:
+    """Label the axes, add the grid and the legend, and write the PNG atomically."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend, fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_fnr_fpr(
@@ -69,12 +67,8 @@ def plot_fnr_fpr(
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("threshold t on p(roadwork)")
-    ax.set_ylabel("rate")
-    ax.set_title("Error rates against decision threshold")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center right", fontsize="small")
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="threshold t on p(roadwork)", ylabel="rate",
+                   title="Error rates against decision threshold", legend="center right")
 
 
 def plot_reliability(y: Any, curves: Mapping[str, Any], path: str | Path, n_bins: int = 15) -> Path:
@@ -92,12 +86,8 @@ def plot_reliability(y: Any, curves: Mapping[str, Any], path: str | Path, n_bins
         ax.plot(rc.confidence, rc.accuracy, marker="o", label=f"{name} (ECE {ece(y, p_pos, n_bins):.3f})")
     ax.set_xlim(0.5, 1.0)
     ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("top-label confidence max(p, 1 - p)")
-    ax.set_ylabel("accuracy of top label")
-    ax.set_title(f"Reliability ({n_bins} equal-width bins)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="top-label confidence max(p, 1 - p)", ylabel="accuracy of top label",
+                   title=f"Reliability ({n_bins} equal-width bins)", legend="upper left")
 
 
 def plot_risk_coverage(curves: Mapping[str, tuple[Any, Any]], path: str | Path) -> Path:
@@ -114,9 +104,5 @@ def plot_risk_coverage(curves: Mapping[str, tuple[Any, Any]], path: str | Path) 
         ax.plot(cov[order], r[order], label=name)
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(bottom=0.0)
-    ax.set_xlabel("coverage (fraction accepted)")
-    ax.set_ylabel("selective risk (error rate among accepted)")
-    ax.set_title("Risk-coverage")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize="small")
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel="coverage (fraction accepted)",
+                   ylabel="selective risk (error rate among accepted)", title="Risk-coverage", legend="upper left")

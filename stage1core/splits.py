@@ -131,6 +131,28 @@ class SplitPlan:
     stats: GroupStats
 
 
+def _connected_groups(ordered: Sequence[Sample], links: Sequence[tuple[int, int]]) -> tuple[int, np.ndarray, int]:
+    """(number of groups, group label of each sample, number of group-column ids): the connected
+    components of "shares a group-column id" and the `links` (index pairs into `ordered`)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    edges_a: list[int] = []
+    edges_b: list[int] = []
+    first_of: dict[str, int] = {}
+    for i, sample in enumerate(ordered):
+        if sample.group:
+            edges_a.append(first_of.setdefault(sample.group, i))
+            edges_b.append(i)
+    for a, b in links:
+        edges_a.append(a)
+        edges_b.append(b)
+    n = len(ordered)
+    graph = coo_matrix((np.ones(len(edges_a), dtype=np.int32), (edges_a, edges_b)), shape=(n, n))
+    n_groups, labels = connected_components(graph, directed=False)
+    return n_groups, labels, len(first_of)
+
+
 def plan_splits(
     samples: Sequence[Sample],
     config: SplitConfig,
@@ -151,9 +173,6 @@ def plan_splits(
     `train_only` sample, else to assign_split(anchor). `train_only` samples always go to train.
     With no groups, links or pins, every sample gets exactly assign_split(sample_id).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     ordered = sorted(samples, key=lambda s: s.sample_id)
     index: dict[str, int] = {}
     for i, sample in enumerate(ordered):
@@ -166,20 +185,9 @@ def plan_splits(
     if bad:
         raise ValueError(f"pinned splits {bad} are not split names {SPLITS}")
 
-    edges_a: list[int] = []
-    edges_b: list[int] = []
-    first_of: dict[str, int] = {}
-    for i, sample in enumerate(ordered):
-        if sample.group:
-            edges_a.append(first_of.setdefault(sample.group, i))
-            edges_b.append(i)
     known = [(index[a], index[b]) for a, b in links if a in index and b in index]
-    for a, b in known:
-        edges_a.append(a)
-        edges_b.append(b)
+    n_groups, labels, column_groups = _connected_groups(ordered, known)
     n = len(ordered)
-    graph = coo_matrix((np.ones(len(edges_a), dtype=np.int32), (edges_a, edges_b)), shape=(n, n))
-    n_groups, labels = connected_components(graph, directed=False)
 
     splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
     group_of: dict[str, str] = {}
@@ -217,7 +225,7 @@ def plan_splits(
     for rows in splits.values():
         rows.sort(key=lambda s: s.sample_id)
     stats = GroupStats(n_groups=int(n_groups) if n else 0, largest_group=largest, grouped_samples=grouped,
-                       column_groups=len(first_of), links=len(known), pinned=n_pinned, bridges=bridges,
+                       column_groups=column_groups, links=len(known), pinned=n_pinned, bridges=bridges,
                        groups_across_splits=across, pairs_across_splits=apart)
     return SplitPlan(splits=splits, group_of=group_of, stats=stats)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,17 +22,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .fingerprint import fingerprint, sha256_file
 from .heads import FeatureView, HeadConfig, SelectiveHead, build_head, positive_probability
+from .loop import EarlyStopping, LogFn, cosine_schedule, judged_model, no_log, weight_ema
 from .losses import class_weighted_ce, class_weights_from_labels, risk_aware_loss, selectivenet_loss
 from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
-
-LogFn = Callable[[dict[str, float], int], None]
-
-
-def _no_log(metrics: dict[str, float], step: int) -> None:
-    return None
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -54,7 +48,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     # EMA warmup: the effective decay ramps up over the first steps
     ema_warmup: bool = True
-    # stop after this many epochs without a better validation loss
+    # stop after this many epochs past the LR warmup without a better val score (class-balanced Brier)
     patience: int = 8
     seed: int = 0
     # ce (class-weighted cross-entropy) or risk_aware (cost-weighted focal loss that punishes confident
@@ -259,7 +253,7 @@ def fit_head(
     selection: SelectionConfig = SelectionConfig(),
     views: Sequence[FeatureView] | None = None,
     needs_gate: bool = False,
-    log_fn: LogFn = _no_log,
+    log_fn: LogFn = no_log,
 ) -> TrainedHead:
     """Train every candidate of the head grid (`head_grid`) and keep the best on val.
 
@@ -393,15 +387,13 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
     """The AdamW candidates trained side by side: the same shuffled batches, one parameter group per
     candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA over all.
 
-    After every epoch each candidate's EMA weights are scored on val; a candidate stops after
-    `config.patience` eligible epochs without a better score, the loop when all have stopped (a
-    stopped candidate's parameters get no gradient, so AdamW skips them). Epochs that end inside the
-    LR warmup are not eligible: a half-warmed-up model cannot win because later epochs looked worse.
+    After every epoch each candidate's EMA weights are scored on val and its `EarlyStopping` decides
+    (the rule `fit_backbone` uses too): epochs that end inside the LR warmup are not eligible, and a
+    candidate stops after `config.patience` eligible epochs without a better score; the loop ends
+    when all have stopped (a stopped candidate's parameters get no gradient, so AdamW skips them).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from timm.scheduler import CosineLRScheduler
-    from timm.utils import ModelEmaV3
 
     set_seed(config.seed)
     accelerator = Accelerator()
@@ -417,24 +409,25 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                         shuffle=True, generator=torch.Generator().manual_seed(config.seed))
     steps_per_epoch = len(loader)
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-    scheduler = CosineLRScheduler(optimizer, t_initial=config.epochs * steps_per_epoch, lr_min=config.min_lr,
-                                  warmup_t=warmup_steps, warmup_lr_init=config.min_lr, t_in_epochs=False)
+    scheduler = cosine_schedule(optimizer, total_steps=config.epochs * steps_per_epoch, warmup_steps=warmup_steps,
+                                min_lr=config.min_lr)
     heads, optimizer, loader = accelerator.prepare(heads, optimizer, loader)
     plain = accelerator.unwrap_model(heads)
-    ema = ModelEmaV3(plain, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay > 0 else None
+    ema = weight_ema(plain, decay=config.ema_decay, warmup=config.ema_warmup)
     train_weights = class_weights_from_labels(yt).to(device) if config.class_weighting else None
     val_weights = class_weights_from_labels(yv).to(device)
     xv = xv.to(device)
 
     n = len(indices)
     kinds = [candidates[i].kind for i in indices]
-    active, stale = [True] * n, [0] * n
+    stopping = [EarlyStopping(patience=config.patience, warmup_steps=warmup_steps) for _ in range(n)]
     best: list[dict[str, Any]] = [
         {"score": float("inf"), "epoch": -1, "state": None, "row": None, "history": [], "val_p": None}
         for _ in range(n)]
     step = 0
     for epoch in range(config.epochs):
         plain.train()
+        active = [not s.stopped for s in stopping]
         running, seen = np.zeros(n), 0
         for xb, yb in loader:
             losses = [head_loss(plain[j], head, xb, yb, class_weights=train_weights, kind=kinds[j],
@@ -449,28 +442,22 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                 ema.update(plain, step=step)
             running += np.array([0.0 if v is None else float(v.detach()) for v in losses]) * len(yb)
             seen += len(yb)
-        judged = ema.module if ema is not None else plain
+        judged = judged_model(plain, ema)
         judged.eval()
-        eligible = step >= warmup_steps or epoch == config.epochs - 1
         for j in (j for j in range(n) if active[j]):
             row = {"epoch": epoch, "step": step, "train_loss": running[j] / seen,
                    "lr": optimizer.param_groups[j]["lr"], **_score(judged[j], head, kinds[j], xv, yv, val_weights)}
             val_p = row.pop("val_p")
             best[j]["history"].append(row)
-            if not eligible:
-                continue
-            if row["val_brier"] < best[j]["score"] - 1e-9:
+            if stopping[j].update(row["val_brier"], step=step, epoch=epoch, last=epoch == config.epochs - 1):
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
-                stale[j] = 0
-            else:
-                stale[j] += 1
-                active[j] = stale[j] < config.patience
         leader = min(range(n), key=lambda j: best[j]["score"])
         if best[leader]["row"] is not None:
-            log_fn({"candidates_active": float(sum(active)), "best_val_brier": best[leader]["score"],
-                    "best_val_accuracy": best[leader]["row"]["val_accuracy"]}, epoch)
-        if not any(active):
+            log_fn({"candidates_active": float(sum(not s.stopped for s in stopping)),
+                    "best_val_brier": best[leader]["score"], "best_val_accuracy": best[leader]["row"]["val_accuracy"]},
+                   epoch)
+        if all(s.stopped for s in stopping):
             break
     accelerator.free_memory()
     return dict(zip(indices, best, strict=True))

@@ -17,12 +17,12 @@ from stage1core.demo import (
     DEFAULT_N_IMAGES,
     LARGE_SIZE,
     DemoConfig,
-    _plan,
-    _render_spec,
     demo_dataset_ready,
     generate_demo_dataset,
+    render_demo_image,
     render_scene,
 )
+from stage1core.demo.dataset import _plan, _render_spec
 
 SMALL = DemoConfig(n_images=40, seed=3, n_large=1, png_fraction=0.1, exif_fraction=0.1)
 
@@ -237,3 +237,27 @@ def test_roadwork_is_learnable_but_not_by_colour_alone() -> None:
     # ... but hard negatives (orange cars, autumn trees, orange clothes) carry them too
     assert (neg > 0.005).sum() >= 5
     assert (neg > np.median(pos)).sum() >= 3
+
+
+# Pixel hashes (sha256 of the RGB bytes, first 16 hex digits) of images the generator drew before it
+# became a package; the drawing code moved without changing a pixel. A change here means datasets made
+# by older code no longer match what this code draws: bump GENERATOR_VERSION (demo_dataset_ready then
+# regenerates them) and pin the new hashes. Pillow's drawing and numpy's seeded generators are exact,
+# so the hashes hold on any machine with the pinned versions.
+PINNED_IMAGES = {0: "09553b78c63f2f40", 1: "6463240f3db4d316", 5: "cca82fd452aa0414", 36: "8fd4ffabcd0fe9dd"}
+PINNED_SCENES = {(0, False): "cb2269291749e055", (0, True): "700f58157e63f37d", (1, False): "f6dfe9ba1a0320e8",
+                 (1, True): "d2f4aa061e3ed6f7", (2, False): "160a957f68c913e3", (3, True): "30b3e33549f85f42"}
+
+
+def _pixel_hash(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()[:16]
+
+
+def test_generator_draws_the_pinned_pixels() -> None:
+    plan = _plan(SMALL)
+    # the pins cover a PNG positive, a JPEG negative, an EXIF-rotated JPEG and the large JPEG
+    assert (plan[0].fmt, plan[0].label, plan[1].label, plan[5].orientation, plan[36].large) == ("png", 1, 0, 8, True)
+    assert {i: _pixel_hash(render_demo_image(SMALL, i)) for i in PINNED_IMAGES} == PINNED_IMAGES
+    drawn = {(i, roadwork): _pixel_hash(render_scene(np.random.default_rng([7, i]), width=320, height=240,
+                                                     roadwork=roadwork)) for i, roadwork in PINNED_SCENES}
+    assert drawn == PINNED_SCENES

@@ -106,3 +106,32 @@ def test_auto_precision_is_bf16_for_transformers_with_bf16_kernels_only(monkeypa
                             store_root=tmp_path, progress=False)
     assert auto.store_key == bf16.store_key and bf16.n_computed == 0
     assert FeatureStore(auto.store_dir).meta["precision"] == "bf16"
+
+
+def test_a_second_writer_waits_for_the_store_lock_then_embeds_only_what_is_missing(tmp_path, samples,
+                                                                                    tiny_eva_config):
+    """The store lock of `fill_feature_store`, the one path into a store (frozen and adapted features)."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    first = extract_features(samples[:4], tiny_eva_config, CFG, store_root=tmp_path, progress=False)
+    holder = FileLock(str(Path(first.store_dir) / "store.lock"))  # another process writing this store
+    holder.acquire()
+    messages, results = [], []
+    waiter = threading.Thread(target=lambda: results.append(extract_features(
+        samples[:6], tiny_eva_config, CFG, store_root=tmp_path, progress=False, log_fn=messages.append)))
+    waiter.start()
+    deadline = time.monotonic() + 60
+    while not messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert messages and "waiting for it" in messages[0]
+        time.sleep(0.3)
+        assert waiter.is_alive() and not results  # still blocked: nothing embedded behind the holder's back
+    finally:
+        holder.release()
+    waiter.join(120)
+    assert results[0].n_computed == 2 and results[0].n_samples == 6

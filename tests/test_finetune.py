@@ -20,19 +20,17 @@ import numpy as np
 import pytest
 import torch
 
-from stage1core.backbone import BackboneConfig, resolve_backbone
-from stage1core.finetune import (
+from stage1core.adapters import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
-    CHECKPOINTS,
     MERGED_BACKBONE,
-    PREPROCESSING,
     RESULT,
-    FinetuneConfig,
     attach_bundle_adapters,
     export_adapter_files,
-    write_launch_config,
 )
+from stage1core.backbone import BackboneConfig, resolve_backbone
+from stage1core.checkpoints import CHECKPOINTS
+from stage1core.finetune import PREPROCESSING, FinetuneConfig, write_launch_config
 from stage1core.heads import HeadConfig
 from stage1core.peft import AdapterConfig
 
@@ -134,6 +132,10 @@ def test_task_trains_in_a_child_and_never_initialises_cuda(reference, split):
     assert 4 <= steps_per_epoch < 8  # the scenario below needs an epoch end inside the 8 steps
     assert [r["step"] for r in result["history"]] == [steps_per_epoch, 8]
     assert ref.best_step in (steps_per_epoch, 8)
+    # the selection rule of fit_head: the lowest val Brier score among evaluations past the LR warmup
+    eligible = [r for r in result["history"] if r["step"] >= CONFIG.warmup_steps or r["step"] == ref.steps]
+    assert ref.best_step == min(eligible, key=lambda r: r["val_brier"])["step"]
+    assert result["metrics"]["val_brier"] == min(r["val_brier"] for r in eligible)
     assert set(ref.metrics) >= {"val_loss", "val_accuracy", "val_mcc", "val_auroc"}
     assert len(result["val_predictions"]["p_roadwork"]) == len(split["parts"]["val"])
     head = load_head(out)  # the bundle code's reader
@@ -272,12 +274,13 @@ def test_bundle_with_adapters_unmerged_and_merged_give_the_same_outputs(referenc
     kept.backbone = attach_bundle_adapters(build_backbone(kept.spec), kept.bundle_dir, kept.manifest, merge=False)
     np.testing.assert_allclose(kept.predict_proba(paths), p["unmerged"], atol=1e-5)
     # the shared pipeline's path: adapted features in the feature store + the fine-tuned head
+    from stage1core.adapters import extract_adapted_features
     from stage1core.features import FeatureConfig, FeatureStore
-    from stage1core.finetune import extract_adapted_features
     from stage1core.train import load_head, predict_positive
 
     info = extract_adapted_features([by_id[sid] for sid in preds["sample_ids"]], out,
                                     FeatureConfig(batch_size=8, num_workers=0), store_root=tmp_path / "features")
+    assert (Path(info.store_dir) / "store.lock").exists()  # filled through the store's lock, as the frozen one
     x = FeatureStore(info.store_dir).load(preds["sample_ids"])
     np.testing.assert_allclose(predict_positive(load_head(out).model, x), p_train, atol=1e-5)
     # and the adapters matter: the plain backbone under the same head predicts otherwise
@@ -294,7 +297,7 @@ SELECTIVE_CONFIG = dataclasses.replace(CONFIG, max_steps=6, checkpoint_every=0) 
 
 def test_selective_head_fine_tunes_gate_and_aux_with_the_selectivenet_loss(split, tmp_path):
     """A DoRA fine-tune with a selective head trains all three heads with the SelectiveNet loss (as
-    fit_head does on cached features), and early stopping reads the SelectiveNet val loss."""
+    fit_head does on cached features), and every evaluation reports the SelectiveNet val loss."""
     from safetensors.torch import load_file
 
     from stage1core.losses import class_weights_from_labels, selectivenet_loss
@@ -322,13 +325,13 @@ def test_selective_head_fine_tunes_gate_and_aux_with_the_selectivenet_loss(split
     assert all(c["gate_grad"] > 0 for c in training)
     assert {(c["coverage"], c["lam"], c["alpha"]) for c in calls} == {(0.7, 16.0, 0.6)}
     assert all(c["weighted"] for c in calls)  # class_weighting=True reaches the SelectiveNet loss
-    # early stopping compared SelectiveNet val losses: one call per evaluation, logged as val_loss
+    # every evaluation computed the SelectiveNet val loss: one call per evaluation, logged as val_loss
     evaluations = [c for c in calls if not c["training"]]
     assert [c["loss"] for c in evaluations] == [r["val_loss"] for r in result["history"]]
     assert len(evaluations) == 2
     # and that val loss is the SelectiveNet loss of the selected head on the val images
+    from stage1core.adapters import extract_adapted_features
     from stage1core.features import FeatureConfig, FeatureStore
-    from stage1core.finetune import extract_adapted_features
 
     val = split["parts"]["val"]
     info = extract_adapted_features(val, out, FeatureConfig(batch_size=8, num_workers=0),
@@ -346,6 +349,7 @@ def scenario_selective(split_path: str, out_dir: str, record_dir: str) -> None:
     """fit_backbone with SELECTIVE, recording the head's initial weights and every SelectiveNet loss call."""
     from safetensors.torch import save_file
 
+    import stage1core.classifier as classifier
     import stage1core.finetune as finetune
     from stage1core.splits import read_split_manifest
 
@@ -370,7 +374,7 @@ def scenario_selective(split_path: str, out_dir: str, record_dir: str) -> None:
         calls.append(call)
         return loss, stats
 
-    finetune.build_head, finetune.selectivenet_loss = recording_build_head, recording_loss
+    finetune.build_head, classifier.selectivenet_loss = recording_build_head, recording_loss
     _, parts, _ = read_split_manifest(split_path)
     finetune.fit_backbone(parts["train"], parts["val"], backbone=resolve_backbone(BACKBONE), head=SELECTIVE,
                           config=SELECTIVE_CONFIG, out_dir=out_dir)

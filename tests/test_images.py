@@ -278,3 +278,68 @@ def test_draft_is_ignored_for_png():
 def test_draft_applies_to_unloaded_pil_jpeg():
     lazy = Image.open(io.BytesIO(encode(smooth_photo(1600, 1200), "JPEG")))
     assert decode_image(lazy, draft_size=224).size == (400, 300)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageDataset and epoch_batches: the one path from a sample's bytes to a model input
+
+
+def _samples(tmp_path, n=4):
+    from stage1core.sources import Sample
+
+    out = []
+    for i in range(n):
+        path = tmp_path / f"img_{i}.png"
+        path.write_bytes(encode(halves(40 + 8 * i, 30), "PNG"))
+        out.append(Sample(sample_id=f"{i:064d}", label=i % 2, source="test", role="all", locator=str(path)))
+    return out
+
+
+def test_dataset_reports_unreadable_images_instead_of_raising(tmp_path):
+    import torch
+
+    from stage1core.images import ImageDataset, collate_images
+
+    samples = _samples(tmp_path)
+    (tmp_path / "img_1.png").write_bytes(b"not an image")
+    (tmp_path / "img_2.png").unlink()
+    to_tensor = lambda image: torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float()
+    dataset = ImageDataset(samples, to_tensor, draft=None)
+    index, images, labels, failed = collate_images([dataset[i] for i in range(4)])
+    assert index == [0, 3] and images.shape == (2, 3, 8, 8) and labels.tolist() == [0, 1]
+    assert [i for i, _ in failed] == [1, 2]
+    assert "ImageDecodeError" in failed[0][1] and "cannot read the image" in failed[1][1]
+    assert collate_images([dataset[1]]) == ([], None, None, [(1, failed[0][1])])
+
+
+def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
+    import random
+
+    import torch
+
+    from stage1core.images import ImageDataset
+
+    samples = _samples(tmp_path)
+    noisy = lambda image: torch.tensor([random.random(), float(np.random.random()), float(torch.rand(()))])
+    dataset = ImageDataset(samples, noisy, draft=None, seed=5)
+    first = dataset[(2, 1)][1]
+    torch.manual_seed(123)  # the global RNG (dropout's) neither matters nor moves
+    random.seed(9)
+    state = torch.get_rng_state()
+    assert torch.equal(dataset[(2, 1)][1], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(dataset[(3, 1)][1], first) and not torch.equal(dataset[(2, 0)][1], first)
+    assert not torch.equal(ImageDataset(samples, noisy, draft=None, seed=6)[(2, 1)][1], first)
+
+
+def test_epoch_batches_split_one_seeded_order_between_processes():
+    from stage1core.images import epoch_batches
+
+    one = epoch_batches(10, 3, seed=1, batch_size=2, rank=0, world=1, count=5)
+    two = [epoch_batches(10, 3, seed=1, batch_size=1, rank=r, world=2, count=5) for r in range(2)]
+    order = [i for batch in one for _, i in batch]
+    assert sorted(order) == list(range(10)) and all(e == 3 for batch in one for e, _ in batch)
+    # the two processes see the single process's batches, each its own half of every batch
+    assert [[i for _, i in b0 + b1] for b0, b1 in zip(*two, strict=True)] == [[i for _, i in b] for b in one]
+    assert order != [i for batch in epoch_batches(10, 4, seed=1, batch_size=2, rank=0, world=1, count=5)
+                     for _, i in batch]
