@@ -7,6 +7,7 @@ import torch
 
 from stage1core.heads import (
     STANDARD_CLIP,
+    STD_FLOOR_FRACTION,
     FeatureView,
     HeadConfig,
     LinearHead,
@@ -46,7 +47,7 @@ def test_standardisation_floors_dead_dimensions_and_clips():
     head = build_head(HeadConfig(kind="linear"), 4)
     head.norm.set_stats(train)
     median_std = float(train.double().std(dim=0).median())  # over all dimensions, the dead one included
-    assert float(head.norm.std[3]) == pytest.approx(0.1 * median_std, rel=1e-5)
+    assert float(head.norm.std[3]) == pytest.approx(STD_FLOOR_FRACTION * median_std, rel=1e-5)
     z = head.norm(torch.tensor([[0.0, 0.0, 0.0, 1e4]]))
     assert float(z[0, 3]) == STANDARD_CLIP  # bounded, not 1e4 / 1e-6
     moved = train.clone()
