@@ -16,7 +16,9 @@ the global RNG, which `accelerator.save_state` stores and `load_state` restores.
 RNG), the EMA and best weights (trainable tensors only), and `trainer_state.json`, written last, which
 marks the checkpoint complete. A run started again on the same output directory resumes from the
 newest complete checkpoint and, on CPU with a fixed seed, ends with bitwise the same weights as a run
-that was never interrupted.
+that was never interrupted, on the same machine with the same number of intra-op threads (BLAS picks
+kernels by thread count and shape, so other thread counts or CPUs agree to float rounding only; the
+checkpoint records the thread count and a resume with another one says so).
 
 Gradient accumulation is done here, not by Accelerate: one optimizer step takes `grad_accum`
 micro-batches (F-SAM needs both of its passes over the same micro-batches), so the Accelerator is
@@ -681,6 +683,12 @@ def fit_backbone(
         resumed_from = step
         if main:
             log.info("resumed from %s (step %d of %d)", latest, step, total_steps)
+            threads = state.get("intra_op_threads")
+            if threads is not None and threads != torch.get_num_threads():
+                log.warning("the checkpoint was written with %d intra-op threads, this process has %d: the "
+                            "result will agree with an uninterrupted run to float rounding, not bit for bit "
+                            "(set OMP_NUM_THREADS=%d for an exact resume)", threads, torch.get_num_threads(),
+                            threads)
     scheduler.step_update(step)
     if main:
         log.info(
@@ -697,6 +705,8 @@ def fit_backbone(
             "best_epoch": best_epoch, "best_val_p": best_val_p, "stale": stale, "stopped": stopped,
             "images_seen": images_seen, "train_seconds": train_seconds, "total_steps": total_steps,
             "ema_updates": step if ema is not None else 0,
+            # bitwise resume needs the same thread count (BLAS kernels depend on it)
+            "intra_op_threads": torch.get_num_threads(),
             # RNG of each process: random_states_<rank>.pkl written by accelerator.save_state
             "rng": f"random_states_<rank>.pkl for {world} processes",
         }

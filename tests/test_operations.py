@@ -26,7 +26,7 @@ from tasks.registry import (
     paired_mcc_difference,
     parse_model_ref,
 )
-from tests.conftest import TINY_EVA
+from tests.common import TINY_EVA
 
 MODEL = "stage1-ops-test"
 SPLITS = SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15)
@@ -112,6 +112,7 @@ def parent_run_id(result) -> str:
                    client.read_task_run(client.read_flow_run(flow_run_id_of(result)).parent_task_run_id).flow_run_id)
 
 
+@pytest.mark.slow
 def test_first_retrain_promotes_without_a_champion(history):
     first, _, _ = history
     report = first["report"]
@@ -129,6 +130,7 @@ def test_first_retrain_promotes_without_a_champion(history):
     assert "PROMOTED" in keys["champion-challenger"].data
 
 
+@pytest.mark.slow
 def test_new_data_is_embedded_incrementally_and_judged_on_a_superset_test_split(history):
     from stage1core.splits import read_split_manifest
 
@@ -144,6 +146,7 @@ def test_new_data_is_embedded_incrementally_and_judged_on_a_superset_test_split(
     assert refused["report"]["comparison"]["n_test"] == len(new_test)
 
 
+@pytest.mark.slow
 def test_refusal_keeps_the_champion_and_says_why(history):
     _, refused, _ = history
     report = refused["report"]
@@ -167,6 +170,7 @@ def test_refusal_keeps_the_champion_and_says_why(history):
     assert "MCC" in table and "coverage at FNR" in table
 
 
+@pytest.mark.slow
 def test_a_winning_challenger_is_promoted_with_a_record(history):
     _, refused, promoted = history
     assert promoted["challenger_version"] == refused["challenger_version"] == "2"  # cached: same bundle
@@ -177,6 +181,7 @@ def test_a_winning_challenger_is_promoted_with_a_record(history):
     assert mc.get_model_version(MODEL, "1").tags["champion.replaced_by"] == "2"
 
 
+@pytest.mark.slow
 def test_promote_rolls_back_and_refuses_below_the_floor_or_corrupt(history):
     from flows.promote import promote
     from stage1core.bundle import BundleError
@@ -205,6 +210,7 @@ def test_promote_rolls_back_and_refuses_below_the_floor_or_corrupt(history):
     assert str(mc.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
+@pytest.mark.slow
 def test_evaluate_bundle_reproduces_the_registered_test_metrics(history, tiny_demo):
     from pathlib import Path
 
@@ -333,6 +339,7 @@ def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
     assert not deployments["promote"].schedules and not deployments["promote"].triggers
 
 
+@pytest.mark.slow
 def test_ingest_emits_the_data_landed_event(prefect_server, tiny_demo, monkeypatch, capsys):
     from deployments import cli
 
