@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision are pinned here (not in pyproject) to the builds this machine serves from disk
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint venv clean-venv
+.PHONY: demo test test-fast lint venv clean-venv
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# development aid: every module's tests except those marked slow (flows, servers, benchmarks, child
+# training runs, simulations, statistical training checks); about a minute. `make test` stays the full suite.
+test-fast: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

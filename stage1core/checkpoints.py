@@ -10,6 +10,7 @@ and renamed into place; only the newest complete checkpoint is kept.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 BEST_WEIGHTS = "best.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class RunProgress:
             "history": self.history, "selection": self.stopping.to_json(), "best_val_p": self.best_val_p,
             "images_seen": self.images_seen, "train_seconds": self.train_seconds, "total_steps": total_steps,
             "ema_updates": self.step if ema else 0,
+            # bitwise resume needs the same thread count (BLAS kernels depend on it)
+            "intra_op_threads": torch.get_num_threads(),
             # RNG of each process: random_states_<rank>.pkl written by accelerator.save_state
             "rng": f"random_states_<rank>.pkl for {world} processes",
         }
@@ -135,4 +140,9 @@ def resume_run(run: RunProgress, out_dir: Path, *, accelerator, ema, keys: list[
     if ema is not None:
         load_weights(ema.module, ema_weights or {}, keys, str(latest / EMA_WEIGHTS))
     run.restore(state, best_weights, latest)
+    threads = state.get("intra_op_threads")
+    if accelerator.is_main_process and threads is not None and threads != torch.get_num_threads():
+        log.warning("%s was written with %d intra-op threads, this process has %d: the result will agree with "
+                    "an uninterrupted run to float rounding, not bit for bit (set OMP_NUM_THREADS=%d for an "
+                    "exact resume)", latest, threads, torch.get_num_threads(), threads)
     return latest

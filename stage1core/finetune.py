@@ -16,7 +16,10 @@ an RNG seeded by (seed, e, i), whatever process or DataLoader worker decodes it
 `load_state` restores. A checkpoint (every `checkpoint_every` optimizer steps; `stage1core.checkpoints`)
 holds Accelerate's state, the EMA and best weights and the trainer state. A run started again on the
 same output directory resumes from the newest complete checkpoint and, on CPU with a fixed seed, ends
-with bitwise the same weights as a run that was never interrupted.
+with bitwise the same weights as a run that was never interrupted, on the same machine with the same
+number of intra-op threads (BLAS picks kernels by thread count and shape, so other thread counts or CPUs
+agree to float rounding only; the checkpoint records the thread count and a resume with another one
+says so).
 
 Gradient accumulation is done here, not by Accelerate: one optimizer step takes `grad_accum`
 micro-batches (F-SAM needs both of its passes over the same micro-batches), so the Accelerator is

@@ -12,7 +12,7 @@ from stage1core.backbone import (
     load_backbone,
     resolve_backbone,
 )
-from tests.conftest import TINY_EVA
+from tests.common import TINY_EVA
 
 
 def test_demo_package_weights_load_by_position_and_are_pretrained():

@@ -1,7 +1,7 @@
 """Every benchmark runs end to end in --quick mode and prints a machine line and a ratio line.
 
-No timing is asserted: the figures of a --quick run mean nothing. The flow benchmark starts Prefect's
-ephemeral server and is marked slow.
+No timing is asserted: the figures of a --quick run mean nothing. Each run is a child process of 5 to 60
+seconds (the flow benchmark starts Prefect's ephemeral server), so the whole module is marked slow.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.common import HANG_TIMEOUT_S
+
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["extraction_vs_timm_loop", "large_jpeg_decode", "precision_bf16", "incremental", "memory_flat",
-        "head_training", "predictor_latency", "near_duplicates"]
+# the benchmarks that run without a Prefect server
+STANDALONE = ["extraction_vs_timm_loop", "large_jpeg_decode", "precision_bf16", "incremental", "memory_flat",
+              "head_training", "predictor_latency", "near_duplicates"]
 
 
-def run_bench(name: str, tmp_path: Path, timeout: int = 600) -> str:
+def run_bench(name: str, tmp_path: Path, timeout: float = HANG_TIMEOUT_S) -> str:
     env = {**os.environ, "STAGE1_BENCH_DATA": str(tmp_path.parent / "bench-data")}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -28,14 +32,13 @@ def run_bench(name: str, tmp_path: Path, timeout: int = 600) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", STANDALONE)
 def test_bench_quick_mode_prints_machine_and_ratio(name, tmp_path):
     out = run_bench(name, tmp_path)
     ratios = re.findall(r"^ratio: .+ = (-?[\d.]+|nan)", out, re.M)
     assert ratios, out
 
 
-@pytest.mark.slow
 def test_cached_rerun_bench_quick_mode(tmp_path):
     out = run_bench("cached_rerun", tmp_path)
     assert re.search(r"^ratio: warm / cold wall time = [\d.]+%", out, re.M), out

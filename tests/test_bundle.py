@@ -18,7 +18,7 @@ CFG = FeatureConfig(batch_size=16, num_workers=0)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_demo):
     from stage1core.backbone import BackboneConfig
-    from tests.conftest import TINY_EVA
+    from tests.common import TINY_EVA
 
     backbone = BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
                               model_kwargs=dict(TINY_EVA), input_size=32)
@@ -55,6 +55,26 @@ def test_round_trip_reproduces_cached_predictions_from_raw_images(built):
     image = Image.open(paths[0])
     assert predictor(image) == pytest.approx(p[0], abs=1e-5)
     assert predictor(open(paths[0], "rb").read()) == pytest.approx(p[0], abs=1e-5)
+
+
+def test_pyfunc_model_serves_base64_images_as_the_predictor_does(built):
+    """tasks/pyfunc_model.py (the MLflow model registered with every bundle) without a registry: the
+    flow tests load it through MLflow; this checks its load_context and base64 input on its own."""
+    import base64
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from tasks.pyfunc_model import BundleModel
+
+    model = BundleModel()
+    model.load_context(SimpleNamespace(artifacts={"bundle": built["bundle"].path}))
+    paths = [s.locator for s in built["samples"][:3]]
+    frame = pd.DataFrame({"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]})
+    out = model.predict(None, frame)
+    expected = load_bundle(built["bundle"].path, device="cpu").predict(paths)  # the same batch: equal outputs
+    assert list(out["p_roadwork"]) == [r["p_roadwork"] for r in expected]
+    assert list(out["decision"]) == [r["decision"] for r in expected]
 
 
 def test_export_is_content_addressed_and_idempotent(built, tmp_path):

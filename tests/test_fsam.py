@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from stage1core.fsam import FSAM, fsam_training_step, make_optimizer, unwrap_fsam
+from tests.common import HANG_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,15 +278,17 @@ def test_make_optimizer():
 def run_script(scenario: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, __file__, scenario], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, __file__, scenario], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S
     )
     assert result.returncode == 0 and f"{scenario} OK" in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_accelerate_prepared_optimizer_bf16():
     run_script("accelerate-bf16")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights():
     run_script("accelerate-ddp")
 

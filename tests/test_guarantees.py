@@ -199,6 +199,7 @@ def _mapie_recall_p_values(n1: int, misses: np.ndarray, alpha: float) -> np.ndar
     return np.minimum(np.exp(-n1 * h1), binom.cdf(np.ceil(n1 * r), n1, a))
 
 
+@pytest.mark.slow
 def test_mapie_fixed_sequence_certifies_ours_or_one_order_statistic_below():
     """MAPIE (LTT, risk 1 - recall, binary Hoeffding-Bentkus p-values, fixed-sequence testing from the
     lowest threshold) on the grid of calib positive scores, over 100 random calib sets.
@@ -433,6 +434,7 @@ def _scrc_truth(cfg, rng, n_ref=3_000_000):
     return t["accepted"] / n_ref, t["misses"] / t["pos_accepted"][:, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cfg",
     [SCRCConfig(alpha=0.05, delta=0.1, xi=0.6), SCRCConfig(alpha=0.02, delta=0.05, xi=0.7)],

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import stage1core
+from tests.common import HANG_TIMEOUT_S
 
 BLOCKER = r"""
 import importlib.abc, sys
@@ -29,12 +30,13 @@ def test_stage1core_imports_without_prefect_or_mlflow():
     modules = ["stage1core"] + [m.name for m in pkgutil.walk_packages([str(root)], prefix="stage1core.")]
     assert {"stage1core.bundle", "stage1core.features", "stage1core.demo.canvas"} <= set(modules)
     code = f"MODULES = {modules!r}\n" + BLOCKER
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent,
+                         timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"imported {len(modules)}" in out.stdout
 
 
 def test_blocker_actually_blocks():
     code = "MODULES = ['mlflow']\n" + BLOCKER
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode != 0 and "must not import mlflow" in out.stderr

@@ -128,6 +128,7 @@ def scenario(prefect_server, street):
     return out
 
 
+@pytest.mark.slow
 def test_the_first_retrain_becomes_champion(scenario):
     first = scenario["first"]
     assert first["promoted"] and first["report"]["decision"] == "promote" and first["report"]["comparison"] is None
@@ -137,6 +138,7 @@ def test_the_first_retrain_becomes_champion(scenario):
     assert "roadwork classifier bundle" in v1.description  # the model card stays first
 
 
+@pytest.mark.slow
 def test_a_clearly_better_challenger_is_promoted_with_its_figures(scenario):
     better = scenario["better"]
     report = better["report"]
@@ -158,6 +160,7 @@ def test_a_clearly_better_challenger_is_promoted_with_its_figures(scenario):
         metrics)
 
 
+@pytest.mark.slow
 def test_a_retrain_with_no_new_data_trains_and_logs_nothing(scenario):
     again = scenario["again"]
     assert again["no_op"] and again["train"] is None and again["report"]["decision"] == "no-op"
@@ -167,6 +170,7 @@ def test_a_retrain_with_no_new_data_trains_and_logs_nothing(scenario):
     assert "nothing to do" in artifacts_of(again["flow_run_id"])["champion-challenger"].data
 
 
+@pytest.mark.slow
 def test_an_equal_challenger_keeps_the_champion(scenario):
     equal = scenario["equal"]
     report = equal["report"]
@@ -177,6 +181,7 @@ def test_an_equal_challenger_keeps_the_champion(scenario):
     assert mlflow_client().get_model_version(MODEL, "3").tags["retrain.decision"] == "keep"
 
 
+@pytest.mark.slow
 def test_a_clearly_worse_challenger_is_judged_again_without_training_and_kept(scenario):
     worse = scenario["worse"]
     report = worse["report"]
@@ -198,6 +203,7 @@ def artifacts_of(flow_run_id: str) -> dict[str, object]:
     return {a.key: a for a in found}
 
 
+@pytest.mark.slow
 def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
     from deployments import cli
     from flows.retrain import retrain
@@ -260,6 +266,7 @@ def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
     assert cli.main(["promote", "2", "--reason", "drill over", "--model", MODEL, *LOW_FLOOR_ARGS]) == 0
 
 
+@pytest.mark.slow
 def test_promote_refuses_below_the_floor_or_a_corrupt_bundle(scenario):
     from flows.promote import promote
     from stage1core.bundle import BundleError
@@ -280,6 +287,7 @@ def test_promote_refuses_below_the_floor_or_a_corrupt_bundle(scenario):
     assert champion() == "2"
 
 
+@pytest.mark.slow
 def test_evaluate_bundle_reproduces_the_test_metrics_and_all_means_every_image(scenario, street, new_images):
     from pathlib import Path
 
@@ -306,6 +314,7 @@ def test_evaluate_bundle_reproduces_the_test_metrics_and_all_means_every_image(s
     assert every["bundle"]["version"] == ""
 
 
+@pytest.mark.slow
 def test_new_images_are_embedded_incrementally_and_judged_on_a_superset_test_split(scenario, street, new_images):
     from flows.retrain import retrain
     from stage1core.splits import read_split_manifest
@@ -552,6 +561,7 @@ def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
     assert not deployments["promote"].schedules and not deployments["promote"].triggers
 
 
+@pytest.mark.slow
 def test_ingest_emits_the_data_landed_event(prefect_server, tiny_demo, monkeypatch, capsys):
     from deployments import cli
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_servers import ROOT, Processes, exe, free_port, tiny_parameters, wait_until
+from tests.common import HANG_TIMEOUT_S
+from tests.test_servers import HTTP_TIMEOUT_S, ROOT, Processes, exe, free_port, tiny_parameters, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "stage1-postgres-test"
@@ -36,7 +37,7 @@ def as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def pg(cmd: list[str], timeout: float = 60) -> str:
+def pg(cmd: list[str], timeout: float = HANG_TIMEOUT_S) -> str:
     done = subprocess.run(as_postgres(cmd), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     return done.stdout
@@ -52,8 +53,10 @@ def postgres_cluster():
     data, port = tmp / "data", free_port()
     try:
         pg([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-        pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(tmp / "postgres.log"), "-w", "-t", "60",
-            "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off", "start"], timeout=90)
+        # pg_ctl -w waits up to -t seconds for the server to accept connections
+        pg([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(tmp / "postgres.log"), "-w", "-t",
+            str(HANG_TIMEOUT_S), "-o", f"-p {port} -k {tmp} -h 127.0.0.1 -c fsync=off", "start"],
+           timeout=HANG_TIMEOUT_S + 30)
         for db in ("prefect", "mlflow"):
             pg([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db])
         yield port
@@ -74,7 +77,7 @@ def healthy(procs: Processes, name: str, proc: subprocess.Popen, url: str) -> No
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.tail(name)}")
         return httpx.get(url, timeout=5).status_code == 200
 
-    wait_until(check, timeout=120, every=0.5, what=f"{name}\n{procs.tail(name)}")
+    wait_until(check, timeout=HANG_TIMEOUT_S, every=0.5, what=f"{name}\n{procs.tail(name)}")
 
 
 RUN_FLOW = """
@@ -116,12 +119,13 @@ def test_train_pipeline_against_prefect_and_mlflow_servers_on_postgres(tiny_demo
 
         parameters = tiny_parameters(tiny_demo, experiment="postgres-test", model_name=MODEL)
         done = subprocess.run([sys.executable, "-c", RUN_FLOW, json.dumps(parameters)], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
         assert done.returncode == 0, f"train_pipeline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         result = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
         run_id, version = result["flow_run_id"], str(result["registered"]["version"])
 
-        flow_run = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10).raise_for_status().json()
+        flow_run = httpx.get(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}",
+                             timeout=HTTP_TIMEOUT_S).raise_for_status().json()
         assert flow_run["state"]["type"] == "COMPLETED", flow_run["state"]
         mc = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         registered = mc.get_model_version(MODEL, version)

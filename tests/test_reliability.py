@@ -44,6 +44,7 @@ from stage1core.sources import (
     parse_csv_labels,
     parse_json_labels,
 )
+from tests.common import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8  # images per shard in the crash tests: the most a kill may cost
@@ -128,10 +129,12 @@ def test_bad_images_raise_image_decode_error(name, tmp_path):
     make, match = BAD_INPUTS[name]
     path = tmp_path / f"{name}.jpg"
     path.write_bytes(make())
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(ImageDecodeError, match=match):
         decode_image(path)
-    assert time.perf_counter() - started < 2.0  # the bomb guard reads the header only
+    # the bomb guard reads the header only; decoding 400 MP would cost CPU seconds. CPU time of this
+    # process, not wall time: other processes on a loaded machine do not count against it
+    assert time.process_time() - started < 2.0
 
 
 # ----------------------------------------------------------------------------------------------- label files
@@ -264,12 +267,19 @@ def crash_samples(tiny_demo):
     return [s for s in samples if os.path.getsize(s.locator) < 500_000][:48]
 
 
-def _child_extract(samples, backbone, root, progress: str | None, result: str | None) -> None:
-    """Runs in a forked child: extract features, logging embedded counts to `progress` as it goes."""
+def _child_extract(samples, backbone, root, progress: str | None, result: str | None,
+                   wait_after: int | None = None) -> None:
+    """Runs in a forked child: extract features, logging embedded counts to `progress` as it goes. With
+    `wait_after`, the child waits to be killed once it has embedded that many images (before their shard
+    is written), so it can never finish first: every kill lands, however load shifts the race between
+    this child and the test polling its progress."""
     import torch
 
     import stage1core.features as features
 
+    # every extraction compared bit for bit below runs with one intra-op thread: BLAS picks kernels by
+    # thread count (and shape), so equal thread counts and equal batches (BATCH divides SHARD) are what
+    # make the features of different processes bit-identical, on any CPU and under any load
     torch.set_num_threads(1)
     done = [0]
     real_embed = features.embed
@@ -281,6 +291,8 @@ def _child_extract(samples, backbone, root, progress: str | None, result: str | 
             with open(progress, "a") as fh:
                 fh.write(f"{done[0]}\n")
         time.sleep(0.01)  # widen the window between batches so kills land everywhere
+        if wait_after is not None and done[0] >= wait_after:
+            time.sleep(HANG_TIMEOUT_S)
         return out
 
     features.embed = logged_embed
@@ -298,7 +310,7 @@ def _run_child(samples, backbone, root, tmp, tag) -> dict:
     result = tmp / f"{tag}.json"
     proc = FORK.Process(target=_child_extract, args=(samples, backbone, str(root), None, str(result)))
     proc.start()
-    proc.join(120)
+    proc.join(HANG_TIMEOUT_S)
     assert proc.exitcode == 0, f"{tag} exited with {proc.exitcode}"
     return json.loads(result.read_text())
 
@@ -324,7 +336,7 @@ def reference(crash_samples, tiny_eva_module, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_eva_module():
     from stage1core.backbone import BackboneConfig
-    from tests.conftest import TINY_EVA
+    from tests.common import TINY_EVA
 
     return BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
                           model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
@@ -344,16 +356,15 @@ def test_kill9_during_extraction_loses_at_most_the_shard_in_flight(crash_samples
         progress = tmp_path / f"progress-{attempt}"
         target = rng.randint(1, remaining - 1)  # images newly embedded before the kill is sent
         proc = FORK.Process(target=_child_extract, args=(crash_samples, tiny_eva_module, str(root), str(progress),
-                                                         None))
+                                                         None, remaining))
         proc.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_TIMEOUT_S
         while _progress(progress) < target and proc.is_alive() and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.03))  # sometimes mid-batch, sometimes mid-write
         os.kill(proc.pid, signal.SIGKILL)
-        proc.join(10)
-        if proc.exitcode != -signal.SIGKILL:
-            continue  # finished before the signal landed
+        proc.join(60)  # returns as soon as the killed child is reaped
+        assert proc.exitcode == -signal.SIGKILL, proc.exitcode  # the child cannot finish on its own
         kills += 1
         store, now_stored = _store_state(root)
         assert store is not None and store.verify() == []  # no corrupt shard under a final name
@@ -361,7 +372,7 @@ def test_kill9_during_extraction_loses_at_most_the_shard_in_flight(crash_samples
         assert now_stored >= stored and now_stored % SHARD == 0  # only complete shards count
         assert embedded - now_stored <= SHARD, (embedded, now_stored)  # lost work: at most the shard in flight
         store.load(sorted(store.index))  # every indexed feature is readable and finite
-    assert kills >= 3
+    assert kills >= 3  # 48 images in shards of 8: a kill stores at most all but the last shard
     _, stored = _store_state(root)
     info = _run_child(crash_samples, tiny_eva_module, root, tmp_path, "resume")
     assert info["n_computed"] == n - stored  # the rerun computes only what no complete shard holds
@@ -382,7 +393,7 @@ def test_two_concurrent_extractions_into_one_store_agree_and_do_not_corrupt_it(c
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(HANG_TIMEOUT_S)
     assert [p.exitcode for p in procs] == [0, 0]
     infos = [json.loads(r.read_text()) for r in results]
     assert infos[0]["fingerprint"] == infos[1]["fingerprint"] == reference["info"]["fingerprint"]
@@ -670,7 +681,7 @@ def test_a_killed_export_never_leaves_a_directory_that_loads(bundle_parts, tmp_p
         proc.start()
         time.sleep(rng.uniform(0.05, 0.6))
         os.kill(proc.pid, signal.SIGKILL)
-        proc.join(10)
+        proc.join(60)  # returns as soon as the killed child is reaped
         killed += proc.exitcode == -signal.SIGKILL
         for directory in [p for p in out.iterdir() if p.is_dir()] if out.exists() else []:
             try:
@@ -728,7 +739,8 @@ def test_a_bundle_loads_and_predicts_with_pickle_blocked(bundle_parts, monkeypat
     assert 0.0 <= predictor(Path(bundle_parts["image"]).read_bytes()) <= 1.0
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(doc=json_values)
 def test_random_manifests_only_ever_raise_bundle_error(doc, tmp_path):
     bundle = tmp_path / "fuzz"
@@ -750,7 +762,8 @@ mutations = st.lists(st.one_of(
 ), min_size=1, max_size=3)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=mutations, resign=st.booleans())
 def test_mutated_manifests_only_ever_raise_bundle_error(bundle_parts, tmp_path, edits, resign):
     dst = tmp_path / "m"
@@ -794,7 +807,9 @@ def test_unreachable_mlflow_server_fails_fast_naming_the_setting(monkeypatch):
     started = time.perf_counter()
     with pytest.raises(ServerUnreachable, match="MLFLOW_TRACKING_URI=http://127.0.0.1"):
         start_mlflow_run.fn("stage1", "run", {})
-    assert time.perf_counter() - started < 5.0
+    # one refused connection takes milliseconds, MLflow's retries with backoff take minutes; the bound
+    # sits between them with headroom for a loaded machine
+    assert time.perf_counter() - started < 30.0
 
 
 @pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
@@ -802,12 +817,14 @@ def test_cli_fails_fast_naming_the_unreachable_setting(setting, tmp_path, tiny_d
     env = {**os.environ, "STAGE1_HOME": str(tmp_path / "home"), setting: f"http://127.0.0.1:{closed_port()}/api"}
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "deployments.cli", "train", "--source", str(tiny_demo)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     elapsed = time.perf_counter() - started
     assert out.returncode == 2, out.stderr
     assert f"stage1: error: {setting}=http://127.0.0.1" in out.stderr and "unreachable" in out.stderr
     assert "Traceback" not in out.stderr
-    assert elapsed < 20.0  # interpreter start plus one refused connection, not minutes of retries
+    # interpreter start plus one refused connection (0.3 s alone, seconds on a loaded machine), not the
+    # clients' retries with backoff (a minute or more)
+    assert elapsed < 30.0
     assert not (tmp_path / "home" / "features").exists()  # failed before any work
 
 

@@ -421,7 +421,8 @@ csv_rows = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rows=csv_rows)
 def test_csv_parser_only_ever_raises_data_error(tmp_path, rows):
     buffer = io.StringIO()

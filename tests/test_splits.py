@@ -29,6 +29,7 @@ from stage1core.splits import (
     splits_fingerprint,
     write_split_manifest,
 )
+from tests.common import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def test_deterministic_across_processes_with_different_hash_seeds():
     for seed in ("0", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True,
-                             text=True, env=env, cwd=ROOT, check=True, timeout=60)
+                             text=True, env=env, cwd=ROOT, check=True, timeout=HANG_TIMEOUT_S)
         assert json.loads(out.stdout) == here
 
 
