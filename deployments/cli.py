@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
+import importlib
 import json
+import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
-from stage1core.home import configure_environment, home_path, mlflow_artifact_root, stage1_home
+from stage1core.home import (
+    HomeError,
+    configure_environment,
+    home_path,
+    mlflow_artifact_root,
+    prepare_home,
+    stage1_home,
+)
 from tasks.servers import ServerUnreachable, check_server
 
-configure_environment()
+configure_environment()  # environment only: no file is touched before the command is known
 
 
 def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dict:
@@ -71,6 +83,12 @@ def _print_result(title: str, result: dict) -> None:
           f"FNR among accepted {_num(m.get('selective_fnr'))}, mean set size {_num(m.get('mean_set_size'))}")
     f = result["features"]
     print(f"features: {f['n_computed']} embedded now, {f['n_samples'] - f['n_computed']} from cache")
+    q = result.get("quarantine") or {}
+    if q.get("quarantined"):
+        print(f"quarantine: {q['quarantined']} of {q['rows']} images left out ({q['scan']} unreadable, "
+              f"{q['decode']} undecodable), listed in {q['path']}")
+    else:
+        print("quarantine: none")
     print(f"bundle:        {result['bundle_path']}")
     print(f"MLflow run:    {result['mlflow_run_id']}  ({result['mlflow_run_url']})")
     reg = result.get("registered")
@@ -121,13 +139,85 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """One JSON line per input, in order; an input that cannot be read or decoded gets {"image", "error"}
+    and a line on stderr, the others are predicted, and the exit code is 1 at the end."""
     from stage1core.bundle import load_bundle
 
-    predictor = load_bundle(args.bundle, weights_override=args.weights)
-    results = predictor.predict([Path(p) for p in args.images])
-    for path, result in zip(args.images, results, strict=True):
-        print(json.dumps({"image": path, **result}))
+    items = expand_inputs(args.images, stdin=sys.stdin.buffer)
+    bundle, expected = _bundle_for_prediction(args.bundle)
+    predictor = load_bundle(bundle, weights_override=args.weights, expected_fingerprint=expected)
+    images = [data for _, data, problem in items if problem is None]
+    predicted = iter(predictor.predict(images, errors="report") if images else [])
+    failed = 0
+    for name, _, problem in items:
+        result = {"error": problem} if problem is not None else next(predicted)
+        print(json.dumps({"image": name, **result}), flush=True)
+        if "error" in result:
+            failed += 1
+            print(f"stage1: {name}: {result['error'].removeprefix(f'{name}: ')}", file=sys.stderr)
+    if failed:
+        print(f"stage1: {failed} of {len(items)} inputs could not be predicted (listed above)", file=sys.stderr)
+        return 1
     return 0
+
+
+PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def expand_inputs(args: list[str], *, stdin) -> list[tuple[str, str | bytes | None, str | None]]:
+    """(name, path or bytes, None) per image and (name, None, reason) per argument that names no image,
+    in the order given. A directory stands for the images in it (recursively, sorted); `-` reads stdin,
+    which holds either one image (its bytes) or a list of paths, one per line."""
+    items: list[tuple[str, str | bytes | None, str | None]] = []
+    for arg in args:
+        if arg == "-":
+            data = stdin.read()
+            if _looks_like_image(data):
+                items.append(("-", data, None))
+                continue
+            try:
+                paths = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError:
+                items.append(("-", None, "stdin is neither an image (JPEG, PNG, WebP, BMP) nor a list of paths"))
+                continue
+            if not paths:
+                items.append(("-", None, "stdin is empty: pipe one image, or a list of paths one per line"))
+            items += expand_inputs([p for p in paths if p != "-"], stdin=stdin)
+            continue
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in PREDICT_SUFFIXES and p.is_file())
+            if not found:
+                items.append((arg, None, f"a directory with no images ({', '.join(PREDICT_SUFFIXES)}) in it"))
+            items += [(p, p, None) for p in found]
+        else:
+            items.append((arg, arg, None))
+    return items
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"BM" or (
+        data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _bundle_for_prediction(ref: str) -> tuple[str, str | None]:
+    """A bundle directory as given, or a registered version (`models:/<name>/<version>` or `@alias`),
+    fetched and tied to the fingerprint recorded when it was registered."""
+    if not ref.startswith("models:/"):
+        return ref, None
+    prepare_home()
+    from tasks.registry import fetch_bundle, get_version, parse_model_ref
+
+    name, version, alias = parse_model_ref(ref, "stage1-roadwork")
+    mv = get_version(name, version=version, alias=alias)
+    if mv is None:
+        raise ValueError(f"{ref}: no such registered version in "
+                         f"MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}")
+    expected = mv.tags.get("bundle_fingerprint")
+    if not expected:
+        raise ValueError(f"{ref}: the version has no bundle_fingerprint tag, so its bundle cannot be checked; "
+                         "register the bundle again with stage1")
+    return str(fetch_bundle(name, mv)), expected
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -276,6 +366,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from stage1core.signing import generate_keypair
+
+    private, public = generate_keypair(args.out)
+    print(json.dumps({"private_key": str(private), "public_key": str(public)}, indent=2))
+    print(f"sign bundles: STAGE1_BUNDLE_SIGNING_KEY={private}; require signatures: STAGE1_BUNDLE_PUBLIC_KEY={public}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from stage1core.bundle import read_manifest
+    from stage1core.home import bundle_signing_key
+    from stage1core.signing import sign_manifest
+
+    key = args.key or bundle_signing_key()
+    if key is None:
+        raise ValueError("no signing key: pass --key or set STAGE1_BUNDLE_SIGNING_KEY (make one with `stage1 keygen`)")
+    manifest = read_manifest(args.bundle)  # only an intact bundle is signed
+    print(json.dumps({"bundle": args.bundle, "fingerprint": manifest["fingerprint"],
+                      "signature": str(sign_manifest(args.bundle, key))}))
+    return 0
+
+
 # which servers each command talks to; checked before anything is imported, read or computed
 SERVERS_USED = {
     "demo": ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"),
@@ -295,6 +409,182 @@ def check_servers(command: str, *, timeout_s: float = 3.0) -> None:
     defaults) and local stores (sqlite, files) are not checked."""
     for setting in SERVERS_USED.get(command, ()):
         check_server(os.environ.get(setting, ""), setting=setting, timeout_s=timeout_s)
+
+
+# commands that run flows and so need a Prefect API: without PREFECT_API_URL, stage1 starts a local
+# server (deployments/local_server.py) while the modules below are imported
+PREFECT_COMMANDS = {"demo", "train", "promote", "evaluate", "serve", "ingest"}
+COMMAND_MODULES = {
+    "demo": ("flows.train_pipeline",), "train": ("flows.train_pipeline",), "promote": ("flows.promote",),
+    "evaluate": ("flows.evaluate_bundle",), "serve": ("deployments.serve",), "ingest": ("prefect.events",),
+}
+# commands that never write to $STAGE1_HOME (`predict models:/...` prepares it when it fetches)
+HOME_FREE = {"info", "predict", "keygen", "sign"}
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that a run ends its records before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+# errors whose message says what is wrong and what to do: printed as one line, never as a traceback
+def _people_errors() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [ValueError, FileNotFoundError, ServerUnreachable, HomeError]
+    from deployments.local_server import ServerStartError
+
+    found.append(ServerStartError)
+    return tuple(found)
+
+
+def _is_people_error(exc: BaseException) -> bool:
+    return isinstance(exc, _people_errors()) or _disk_problem(exc) is not None
+
+
+def _disk_problem(exc: BaseException) -> str | None:
+    """One sentence for a full or read-only disk met in the middle of a run."""
+    if not isinstance(exc, OSError) or isinstance(exc, HomeError):
+        return None
+    where = exc.filename or stage1_home()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device of {where}; free space (or point STAGE1_HOME at a bigger disk) and "
+                "run again: finished steps are cached and nothing partial was kept")
+    if exc.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; point STAGE1_HOME at a writable directory and run again"
+    return None
+
+
+class _ConsoleErrorFilter(logging.Filter):
+    """Keeps tracebacks of errors meant for people off the console (the command prints one line for
+    them); the Prefect UI and the API log keep everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_people_error(exc):
+            return False
+        message = record.getMessage() if record.levelno >= logging.ERROR else ""
+        return not (message.startswith("Finished in state Failed") and "encountered an exception" in message)
+
+
+def _quiet_console_tracebacks() -> None:
+    """Attach the filter to the console handlers Prefect configured (if Prefect is in use)."""
+    if "prefect" not in sys.modules:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and \
+                    not any(isinstance(f, _ConsoleErrorFilter) for f in handler.filters):
+                handler.addFilter(_ConsoleErrorFilter())
+
+
+class _Timings:
+    """Seconds per start-up phase, printed to stderr with STAGE1_TIMINGS=1 (bench/startup.py reads them)."""
+
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = self._now()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
+
+    def report(self) -> None:
+        if os.environ.get("STAGE1_TIMINGS"):
+            print(f"stage1: timings: {json.dumps(self.phases)}", file=sys.stderr)
+
+
+def _drain_prefect(timeout_s: float = 10.0) -> None:
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001  (losing a log line must not change the command's outcome)
+            pass
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Prepare the home, check configured servers, start the local Prefect server when one is needed
+    (overlapping the imports), run the command; every failure meant for people is one line on stderr."""
+    server = None
+    saved_env = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "STAGE1_LOCAL_PREFECT_SERVER")}
+    previous_term = signal.getsignal(signal.SIGTERM)
+    clock = _Timings()
+    try:
+        try:
+            signal.signal(signal.SIGTERM, _raise_stopped)
+        except ValueError:  # not the main thread (tests call main() from threads): keep the default
+            pass
+        if args.command not in HOME_FREE:
+            prepare_home()
+        check_servers(args.command)
+        clock.mark("checks")
+        if args.command in PREFECT_COMMANDS and not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
+            from deployments.local_server import LocalPrefectServer
+
+            server = LocalPrefectServer(os.environ["PREFECT_HOME"], locks=home_path("locks"))
+            os.environ["PREFECT_API_URL"] = server.start()
+            os.environ["STAGE1_LOCAL_PREFECT_SERVER"] = "1"
+        for module in COMMAND_MODULES.get(args.command, ()):
+            importlib.import_module(module)
+        clock.mark("imports")
+        if server is not None:
+            server.wait_ready()
+            clock.mark("prefect_server_wait")
+        _quiet_console_tracebacks()
+        code = args.fn(args)
+        clock.mark("command")
+        return code
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if isinstance(exc, Stopped) else "SIGINT"
+        if args.command in PREFECT_COMMANDS:
+            print(f"stage1: stopped by {name}; a flow run in progress is marked Cancelled and its MLflow run "
+                  "KILLED; finished steps are cached: run the same command again to continue", file=sys.stderr)
+        else:
+            print(f"stage1: stopped by {name}", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+    except Exception as exc:
+        disk = _disk_problem(exc)
+        if disk is not None:
+            print(f"stage1: error: {disk}", file=sys.stderr)
+            return 2
+        if "Timed out while attempting to connect to ephemeral Prefect API server" in str(exc):
+            print("stage1: error: Prefect's temporary server did not start in time (a busy machine starts it slowly); "
+                  "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start one with `prefect server start` "
+                  "and set PREFECT_API_URL", file=sys.stderr)
+            return 2
+        if _is_people_error(exc):
+            print(f"stage1: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if server is not None:
+            _drain_prefect()  # logs and events reach the server before it goes
+            server.stop()
+            clock.mark("prefect_server_stop")
+        clock.report()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        try:
+            signal.signal(signal.SIGTERM, previous_term)
+        except ValueError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,14 +673,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="stage1-roadwork")
     p.set_defaults(fn=cmd_evaluate)
 
+    p = sub.add_parser("keygen", help="write an ed25519 key pair for signing bundles")
+    p.add_argument("--out", required=True, help="folder for stage1-bundle.key (private, mode 0600) and .pub")
+    p.set_defaults(fn=cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign a bundle's manifest with the team key (writes manifest.sig)")
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument("--key", help="ed25519 private key file (default: $STAGE1_BUNDLE_SIGNING_KEY)")
+    p.set_defaults(fn=cmd_sign)
+
     args = parser.parse_args(argv)
+    return run_command(args)
+
+
+def entry() -> None:
+    """The `stage1` console script: main(), then a prompt exit.
+
+    Once main() has returned and every exit handler has run (Prefect and MLflow flush theirs), the
+    process leaves with os._exit: tearing down torch, MLflow and Prefect module by module took
+    seconds of every command (docs/benchmarks.md, start-up) and does nothing for the results, whose
+    files are all written atomically and whose databases have committed.
+    """
+    code = [1]
+
+    def leave() -> None:  # registered first, so it runs after every other exit handler
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code[0])
+
+    atexit.register(leave)
     try:
-        check_servers(args.command)
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, ServerUnreachable) as exc:  # errors meant for people: no traceback
-        print(f"stage1: error: {exc}", file=sys.stderr)
-        return 2
+        code[0] = main()
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code[0] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    sys.exit(code[0])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

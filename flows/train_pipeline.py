@@ -25,6 +25,8 @@ from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_back
 from tasks.pipeline import (
     build_splits,
     calibrate,
+    check_quarantine,
+    counted_now,
     ensure_demo_data,
     evaluate_test,
     export_bundle,
@@ -33,11 +35,14 @@ from tasks.pipeline import (
     score_baselines,
 )
 from tasks.reports import publish_reports
+from tasks.runs import end_crashed_run
 from tasks.tracking import (
     MODEL_NAME,
+    close_run,
     end_mlflow_run,
     log_baselines_and_selection,
     log_params,
+    log_quarantine,
     log_results,
     log_training_history,
     register_bundle,
@@ -59,7 +64,8 @@ class RegistryConfig:
     bundle_name: str = "stage1-roadwork"
 
 
-@flow(name="train-pipeline", log_prints=True)
+# a crashed run ends its MLflow run; one stopped by Ctrl-C or SIGTERM is recorded as Cancelled (tasks/runs.py)
+@flow(name="train-pipeline", log_prints=True, on_crashed=[end_crashed_run])
 def train_pipeline(
     sources: list[SourceConfig] | None = None,
     splits: SplitConfig = SplitConfig(),
@@ -104,7 +110,8 @@ def train_pipeline(
         split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
         adapter_dir = None
         if backbone_mode == "frozen":
-            feats = extract_features(split, backbone, features)
+            feats = counted_now(extract_features(split, backbone, features, return_state=True))
+            quarantine = check_quarantine(split, feats)
             head_ref = fit_head(split, feats, head, train, selection, needs_gate)
         else:
             # fine-tuning trains one head with the backbone: `auto` is the kind the policy needs
@@ -113,6 +120,7 @@ def train_pipeline(
             tuned = fit_backbone(split, backbone, head,
                                  replace(finetune, adapter=replace(finetune.adapter, method=backbone_mode)), launch)
             feats = extract_adapted_features_task(split, tuned, finetune.precision)
+            quarantine = check_quarantine(split, feats)
             head_ref = head_ref_of(tuned)
             adapter_dir = tuned.path
         policy_files = calibrate(split, feats, head_ref, guarantee, policy)
@@ -141,6 +149,7 @@ def train_pipeline(
                        "features_fingerprint": feats.fingerprint, "policy": policy.policy}
         _set_run_tags(run["run_id"], client_tags)
         log_training_history(run["run_id"], head_ref.path)
+        log_quarantine(run["run_id"], quarantine)
         log_results(run["run_id"], evaluation.metrics, bundle)
         quality_tags = log_baselines_and_selection(run["run_id"], head_ref, judged)
         registered = None
@@ -155,9 +164,10 @@ def train_pipeline(
             )
         publish_reports(metrics=evaluation.metrics, thresholds=thresholds, bundle_path=bundle.path,
                         mlflow_run=run, registered=registered, counts=split.counts, head=head_ref,
-                        baselines=judged)
-    except BaseException:
-        end_mlflow_run(run["run_id"], "FAILED")
+                        baselines=judged, quarantine=quarantine)
+    except BaseException as exc:
+        # not a task: it must run while the flow is torn down (Ctrl-C, SIGTERM), with a short deadline
+        close_run(run["run_id"], exc)
         raise
     end_mlflow_run(run["run_id"])
     seconds = time.perf_counter() - started
@@ -173,6 +183,7 @@ def train_pipeline(
         "split_manifest": split.path,
         "features": {"n_samples": feats.n_samples, "n_computed": feats.n_computed, "failed": len(feats.failed),
                      "images_per_second": feats.images_per_second, "dim": feats.dim},
+        "quarantine": quarantine,
         "seconds": seconds, "flow_run_id": str(flow_run.id),
     }
 

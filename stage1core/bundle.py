@@ -32,9 +32,10 @@ from .backbone import (
 )
 from .features import draft_size, eval_transform, resolve_device
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
-from .images import decode_image
+from .images import ImageDecodeError, decode_image
 from .policy import FittedPolicy
 from .schemas import SchemaError, validate_json
+from .signing import SIGNATURE, SignatureError, sign_manifest, verify_manifest
 from .storage import atomic_dir
 from .train import HEAD_META, HEAD_WEIGHTS, head_outputs, load_head
 
@@ -78,6 +79,7 @@ def export_bundle(
     inputs: dict[str, str | None],
     files: dict[str, str | Path | bytes] | None = None,
     json_files: dict[str, Any] | None = None,
+    signing_key: str | Path | None = None,
 ) -> BundleInfo:
     """Write a bundle under `out_root/<name>-<fingerprint[:12]>`, atomically.
 
@@ -85,6 +87,8 @@ def export_bundle(
     least thresholds.json and policy.json). `files` are copied (paths) or written (bytes) under their
     relative names; `json_files` are written as JSON. The bundle fingerprint covers every file's hash,
     so identical inputs give the same bundle and an existing complete bundle is reused, not rewritten.
+    With `signing_key` (an ed25519 private key file), the manifest is signed (manifest.sig), also
+    when an existing bundle is reused.
     """
     for rel in ("thresholds.json", "policy.json"):
         if rel not in policy_files:
@@ -122,6 +126,8 @@ def export_bundle(
     if final.exists():
         try:
             read_manifest(final)
+            if signing_key is not None:
+                sign_manifest(final, signing_key)
             return BundleInfo(path=str(final), fingerprint=bundle_fp, name=name)
         except BundleError:
             # an unusable directory under our name: move it aside (one rename), never delete in place
@@ -135,6 +141,10 @@ def export_bundle(
             target.write_bytes(data)
         # the manifest is written last: a directory without it is never a bundle
         (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
+        if signing_key is not None:
+            sign_manifest(tmp, signing_key)
+    if signing_key is not None and not (final / SIGNATURE).exists():  # a concurrent export won the rename
+        sign_manifest(final, signing_key)
     return BundleInfo(path=str(final), fingerprint=bundle_fp, name=name)
 
 
@@ -204,7 +214,8 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
     # nothing unverified rides along: every file in the directory is listed (and so hash-checked)
     unlisted = sorted(
         str(p.relative_to(root)) for p in root.rglob("*")
-        if not p.is_dir() and str(p.relative_to(root)) not in manifest["files"] and p.name != MANIFEST
+        if not p.is_dir() and str(p.relative_to(root)) not in manifest["files"]
+        and str(p.relative_to(root)) not in (MANIFEST, SIGNATURE)
     )
     if unlisted:
         raise BundleError(f"{root}: {unlisted[:5]} are in the bundle directory but not in its manifest; "
@@ -297,19 +308,42 @@ class Predictor:
         return self.manifest["fingerprint"]
 
     def _tensor(self, image: ImageInput) -> torch.Tensor:
-        if isinstance(image, (str, Path)):
-            image = Path(image).read_bytes()
-        return self.transform(decode_image(image, draft_size=self.draft))
+        name = str(image) if isinstance(image, (str, Path)) else None
+        try:
+            if name is not None:
+                image = Path(image).read_bytes()
+            return self.transform(decode_image(image, draft_size=self.draft))
+        except OSError as exc:  # a directory, a missing or unreadable file
+            raise ImageDecodeError(f"{name}: cannot read the file ({exc.strerror or exc})") from exc
+        except ImageDecodeError as exc:
+            if name is None:
+                raise
+            raise ImageDecodeError(f"{name}: {exc}") from exc
 
     def features(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> np.ndarray:
         """Pooled backbone features, rounded through fp16 exactly like the feature store."""
+        return self._features(images, batch_size=batch_size, failed=None)
+
+    def _features(self, images: Sequence[ImageInput], *, batch_size: int,
+                  failed: dict[int, str] | None) -> np.ndarray:
+        """With `failed` (a dict), an image that cannot be read or decoded is recorded there by index with
+        its reason and left out; without it, the first such image raises ImageDecodeError."""
         out = []
         bf16 = self.preprocessing["precision"] == "bf16"
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
-                batch = torch.stack([self._tensor(im) for im in images[start:start + batch_size]])
+                tensors = []
+                for i, im in enumerate(images[start:start + batch_size], start):
+                    try:
+                        tensors.append(self._tensor(im))
+                    except ImageDecodeError as exc:
+                        if failed is None:
+                            raise
+                        failed[i] = str(exc)
+                if not tensors:
+                    continue
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats = embed(self.backbone, batch.to(self.device), self.spec.pooling)
+                    feats = embed(self.backbone, torch.stack(tensors).to(self.device), self.spec.pooling)
                 out.append(feats.float().cpu().numpy().astype(np.float16).astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -322,21 +356,36 @@ class Predictor:
         """Calibrated p(roadwork) per image."""
         return self.apply_policy(self.features(images, batch_size=batch_size))["p"]
 
-    def predict(self, images: Sequence[ImageInput], *, batch_size: int = 32) -> list[dict[str, Any]]:
+    def predict(self, images: Sequence[ImageInput], *, batch_size: int = 32,
+                errors: str = "raise") -> list[dict[str, Any]]:
         """Per image: calibrated p(roadwork), the raw head probability, the decision (None when the policy
-        abstains), and the prediction set ([] when abstaining)."""
-        out = self.apply_policy(self.features(images, batch_size=batch_size))
+        abstains), and the prediction set ([] when abstaining).
+
+        errors="raise": the first image that cannot be read or decoded raises ImageDecodeError (naming
+        the file when given a path). errors="report": that image's result is {"error": reason} and the
+        others are predicted as usual.
+        """
+        if errors not in ("raise", "report"):
+            raise ValueError(f"errors must be 'raise' or 'report', got {errors!r}")
+        failed: dict[int, str] | None = {} if errors == "report" else None
+        feats = self._features(images, batch_size=batch_size, failed=failed)
+        out = self.apply_policy(feats) if len(feats) else None
         sets = {-1: [], 0: [0], 1: [1], 2: [0, 1]}
-        results = []
-        for i in range(len(out["p"])):
-            decision = int(out["decision"][i])
+        results: list[dict[str, Any]] = []
+        row = 0
+        for i in range(len(images)):
+            if failed and i in failed:
+                results.append({"error": failed[i]})
+                continue
+            decision = int(out["decision"][row])
             results.append({
-                "p_roadwork": float(out["p"][i]), "p_roadwork_raw": float(out["p_raw"][i]),
+                "p_roadwork": float(out["p"][row]), "p_roadwork_raw": float(out["p_raw"][row]),
                 "decision": None if decision < 0 else decision, "abstain": bool(decision < 0),
-                "prediction_set": sets[int(out["set"][i])],
+                "prediction_set": sets[int(out["set"][row])],
                 "label": "abstain" if decision < 0 else ("roadwork" if decision == 1 else "no_roadwork"),
                 "policy": self.policy.policy,
             })
+            row += 1
         return results
 
     def __call__(self, image: ImageInput) -> float:
@@ -344,9 +393,28 @@ class Predictor:
         return float(self.predict_proba([image])[0])
 
 
-def load_bundle(bundle_dir: str | Path, *, device: str = "auto",
-                weights_override: str | Path | None = None) -> Predictor:
+def load_bundle(bundle_dir: str | Path, *, device: str = "auto", weights_override: str | Path | None = None,
+                expected_fingerprint: str | None = None, public_key: str | Path | None = None) -> Predictor:
+    """Verify a bundle (read_manifest) and build its Predictor.
+
+    `expected_fingerprint`: the fingerprint recorded when the bundle was registered; a bundle whose
+    files were edited and re-hashed has another fingerprint and is refused. `public_key` (default
+    `$STAGE1_BUNDLE_PUBLIC_KEY`): when set, the manifest must carry a valid signature by that key.
+    Raises only BundleError.
+    """
+    from .home import bundle_public_key
+
     root = Path(bundle_dir)
     manifest = read_manifest(root)
+    if expected_fingerprint is not None and manifest["fingerprint"] != expected_fingerprint:
+        raise BundleError(f"{root}: bundle fingerprint {manifest['fingerprint'][:12]}… is not the registered "
+                          f"{expected_fingerprint[:12]}…; the bundle was changed after registration: use the "
+                          "registered bundle (download it again from MLflow) or register this one")
+    key = public_key if public_key is not None else bundle_public_key()
+    if key is not None:
+        try:
+            verify_manifest(root, key)
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from exc
     return Predictor(root, manifest, device=device, weights_override=weights_override)
 

@@ -17,7 +17,6 @@ from .metrics import (
     risk_at_coverage,
     risk_coverage_curve,
 )
-from .plots import plot_fnr_fpr, plot_reliability, plot_risk_coverage
 from .policy import FittedPolicy, calibrated_positive, fit_calibrator, sigmoid
 
 RISK_COVERAGE = 0.8  # risk@coverage is reported at this coverage
@@ -78,6 +77,9 @@ def evaluate_policy(fitted: FittedPolicy, outputs: dict[str, np.ndarray], y: np.
         metrics[f"{key}/coverage_at_risk_{COVERAGE_RISK}"] = coverage_at_risk(y, decision, conf, COVERAGE_RISK)
         coverage, risk, _ = risk_coverage_curve(y, decision, conf)
         rc_curves[name] = (coverage, risk)
+
+    # matplotlib is imported here, not with the module: a fully cached run draws nothing
+    from .plots import plot_fnr_fpr, plot_reliability, plot_risk_coverage
 
     plot_fnr_fpr(y, p_raw, out_dir / "fnr_fpr.png", threshold=t, alpha=fitted.threshold.alpha)
     plot_reliability(y, curves, out_dir / "reliability.png")

@@ -124,9 +124,34 @@ def resolve_precision(precision: str, model: torch.nn.Module, device: torch.devi
 
 
 def feature_precision(backbone: BackboneConfig | BackboneSpec, config: FeatureConfig) -> str:
-    """The precision `extract_features` will use for this backbone and config on this machine."""
+    """The precision `extract_features` will use for this backbone and config on this machine.
+
+    Part of the feature cache key, so it runs on every run, cached or not: whether the architecture is a
+    transformer is remembered on disk, because finding out builds the model, and importing timm for
+    that was most of a fully cached run's pipeline time.
+    """
+    if config.precision != "auto":
+        return config.precision
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_backbone(backbone)
-    return resolve_precision(config.precision, build_skeleton(spec), resolve_device(config.device))
+    device = resolve_device(config.device)
+    return "bf16" if _is_transformer(spec) and bf16_supported(device) else "fp32"
+
+
+def _is_transformer(spec: BackboneSpec) -> bool:
+    """resolve_precision's test (the model has a patch embedding), remembered per architecture."""
+    import json
+
+    memo = home_path("features") / "architectures.json"
+    key = fingerprint("architecture", spec.name, spec.model_kwargs)
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), bool):
+        known = known if isinstance(known, dict) else {}
+        known[key] = getattr(build_skeleton(spec), "patch_embed", None) is not None
+        atomic_write_json(memo, known)
+    return known[key]
 
 
 def store_key(spec: BackboneSpec, pre: dict[str, Any], precision: str) -> str:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.integrate import trapezoid
-from sklearn.metrics import matthews_corrcoef, roc_auc_score
+
+# scipy.integrate and sklearn.metrics are imported where used: the pipeline imports this module on every
+# run, and a fully cached run computes no metric (docs/benchmarks.md, start-up)
 
 __all__ = [
     "binary_metrics",
@@ -84,8 +85,8 @@ def binary_metrics(y_true: Any, p_pos: Any, threshold: float = 0.5) -> dict[str,
     nll = -np.mean(np.where(pos, np.log(p_clip), np.log1p(-p_clip)))
     return {
         "accuracy": float(np.mean(pred == pos)),
-        "mcc": float(matthews_corrcoef(y, pred.astype(np.int64))),
-        "auroc": float(roc_auc_score(y, p)) if 0 < n_pos < y.size else float("nan"),
+        "mcc": float(_sk().matthews_corrcoef(y, pred.astype(np.int64))),
+        "auroc": float(_sk().roc_auc_score(y, p)) if 0 < n_pos < y.size else float("nan"),
         "fnr": _ratio(fn, n_pos),
         "fpr": _ratio(fp, n_neg),
         "precision": _ratio(tp, tp + fp),
@@ -97,6 +98,18 @@ def binary_metrics(y_true: Any, p_pos: Any, threshold: float = 0.5) -> dict[str,
         "n_pos": n_pos,
         "threshold": float(threshold),
     }
+
+
+def _sk():
+    import sklearn.metrics
+
+    return sklearn.metrics
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    from scipy.integrate import trapezoid
+
+    return trapezoid(y, x)
 
 
 @dataclass(frozen=True)
@@ -224,7 +237,7 @@ def generalized_risk_coverage_curve(
 def _aurc_from_loss(loss: np.ndarray, conf: np.ndarray) -> float:
     _, coverage, risk, _ = _curves(loss, conf)
     # trapezoids between curve points, with the curve held flat from the lowest coverage down to 0
-    return float(trapezoid(np.r_[risk[0], risk], np.r_[0.0, coverage]))
+    return float(_trapezoid(np.r_[risk[0], risk], np.r_[0.0, coverage]))
 
 
 def aurc(y_true: Any, pred: Any, conf: Any) -> float:
@@ -258,7 +271,7 @@ def augrc(y_true: Any, pred: Any, conf: Any) -> float:
     """
     loss, c = _selective_inputs(y_true, pred, conf)
     _, coverage, _, grisk = _curves(loss, c)
-    return float(trapezoid(np.r_[0.0, grisk], np.r_[0.0, coverage]))
+    return float(_trapezoid(np.r_[0.0, grisk], np.r_[0.0, coverage]))
 
 
 def risk_at_coverage(y_true: Any, pred: Any, conf: Any, coverage: float) -> float:

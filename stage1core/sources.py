@@ -53,6 +53,17 @@ class DataError(ValueError):
     """A source that cannot be used as given; the message names the file, the row and what to do."""
 
 
+class LabelConflictError(DataError):
+    """The same image (same bytes) carries different labels. `conflicts` lists every one found in the
+    scan (not only the first), `quarantined` the rows quarantined by the same scan, so that a report
+    can be written before the run stops."""
+
+    def __init__(self, message: str, *, conflicts: list[dict], quarantined: list[dict]):
+        super().__init__(message)
+        self.conflicts = conflicts
+        self.quarantined = quarantined
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One labelled-image source."""
@@ -488,7 +499,8 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
 
     A duplicate keeps its first copy (in config order), except that a copy with role `all` wins over
     `train_only` copies, so an image that is also in the target data is never held out of evaluation.
-    Duplicates with different labels raise DataError naming both locations. A copy that carries a group
+    Duplicates with different labels raise LabelConflictError (a DataError) naming both locations of
+    the first and listing every conflict of the scan. A copy that carries a group
     id hands it to a kept copy without one; a copy in another group links the two groups (`links`).
     """
     if not configs:
@@ -501,6 +513,7 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
     duplicates = 0
     quarantined: list[dict] = []
     also_in: list[tuple[str, str]] = []  # (sample_id, group) memberships of collapsed copies
+    conflicts: list[dict] = []  # every copy whose label differs from the first copy's
     for config in configs:
         samples, bad = _scan(config)
         quarantined.extend(bad)
@@ -511,17 +524,23 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
                 continue
             duplicates += 1
             if kept.label != sample.label:
-                raise DataError(
-                    f"the same image (sha256 {sample.sample_id[:12]}...) has label {kept.label} at "
-                    f"{kept.locator} and label {sample.label} at {sample.locator}; fix one of the labels "
-                    "or remove one copy"
-                )
+                conflicts.append({"sample_id": sample.sample_id, "locator": sample.locator, "source": sample.source,
+                                  "label": sample.label, "other_locator": kept.locator,
+                                  "other_source": kept.source, "other_label": kept.label})
+                continue
             winner, loser = (sample, kept) if kept.role != "all" and sample.role == "all" else (kept, sample)
             if not winner.group and loser.group:
                 winner = dataclasses.replace(winner, group=loser.group)
             elif loser.group and loser.group != winner.group:
                 also_in.append((sample.sample_id, loser.group))
             merged[sample.sample_id] = winner
+    if conflicts:
+        first = conflicts[0]
+        more = f" ({len(conflicts) - 1} more conflicts)" if len(conflicts) > 1 else ""
+        raise LabelConflictError(
+            f"the same image (sha256 {first['sample_id'][:12]}...) has label {first['other_label']} at "
+            f"{first['other_locator']} and label {first['label']} at {first['locator']}{more}; fix one of the labels "
+            "or remove one copy", conflicts=conflicts, quarantined=quarantined)
     if quarantined:
         log.warning("%d rows quarantined (missing or unreadable files)", len(quarantined))
     samples = sorted(merged.values(), key=lambda s: s.sample_id)

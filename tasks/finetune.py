@@ -42,6 +42,7 @@ from stage1core.home import home_path
 
 from .caching import OutputCache
 from .pipeline import SplitRef
+from .processes import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,6 +151,7 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, time
     proc = subprocess.Popen(
         list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         text=True, bufsize=1, errors="replace", start_new_session=True,
+        preexec_fn=die_with_parent,  # a killed parent (kill -9 included) takes the launcher with it
     )
     lines: queue.Queue[str | None] = queue.Queue()
 

@@ -29,10 +29,10 @@ from stage1core.finetune import export_adapter_files
 from stage1core.fingerprint import fingerprint, sha256_file
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig, feature_views
-from stage1core.home import home_path
+from stage1core.home import bundle_signing_key, home_path
 from stage1core.near_duplicates import find_near_duplicates
 from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
-from stage1core.sources import DataError, SourceConfig, load_sources
+from stage1core.sources import DataError, LabelConflictError, SourceConfig, load_sources
 from stage1core.splits import (
     SplitConfig,
     parent_pins,
@@ -63,6 +63,7 @@ class SplitRef:
     n_groups: int = 0  # groups that each landed in one split (an ungrouped image is a group of one)
     largest_group: int = 0  # images in the largest group
     bridges: int = 0  # groups that new images joined across splits (old images never move; see docs/splits.md)
+    quarantine_report: str = ""  # this run's quarantine report (written only when something was quarantined)
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,42 @@ def _quarantine_row(locator: str, source: str, sources: list[dict[str, Any]]) ->
     return None
 
 
-def write_quarantine_report(entries: list[dict[str, Any]], key: str) -> Path:
-    report = home_path("reports") / f"quarantine-{key[:16]}.json"
-    atomic_write_json(report, entries)
-    return report
+class QuarantineError(DataError):
+    """The run stops over images it cannot use; `report` is the quarantine report that lists them."""
+
+    def __init__(self, message: str, *, report: str | Path):
+        super().__init__(message)
+        self.report = str(report)
+
+
+def quarantine_report_path() -> Path:
+    """This run's quarantine report: one file per flow run (scan, decode and label conflicts together),
+    named by the run so that two runs never write different contents under one name."""
+    import time
+    import uuid
+
+    from prefect.runtime import flow_run
+
+    run = str(flow_run.id or uuid.uuid4())
+    return home_path("reports") / f"quarantine-{time.strftime('%Y%m%d-%H%M%S')}-{run[:8]}.json"
+
+
+def write_quarantine_report(path: str | Path, entries: list[dict[str, Any]], *, total_rows: int,
+                            limit: float) -> Path:
+    """Write (atomically) the report: counts per stage, then one entry per image with its locator,
+    source, row, reason and stage (`scan`, `decode` or `conflict`)."""
+    counts = {stage: sum(1 for e in entries if e["stage"] == stage) for stage in ("scan", "decode", "conflict")}
+    atomic_write_json(Path(path), {"counts": {**counts, "quarantined": counts["scan"] + counts["decode"],
+                                              "rows": total_rows}, "max_quarantined_fraction": limit,
+                                   "entries": entries})
+    return Path(path)
+
+
+def read_quarantine_entries(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads(Path(path).read_text())["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 @task(name="ensure_demo_data")
@@ -154,15 +187,29 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
     Not cached: new images must be seen. Cheap next to embedding (pHashes are stored per image).
     """
     logger = _logger()
-    scan = load_sources(sources)
+    report = quarantine_report_path()
+    source_dicts = [dataclasses.asdict(s) for s in sources]
+    try:
+        scan = load_sources(sources)
+    except LabelConflictError as exc:
+        entries = [{**q, "stage": "scan"} for q in exc.quarantined] + [
+            {"locator": c["locator"], "source": c["source"],
+             "row": _quarantine_row(c["locator"], c["source"], source_dicts),
+             "reason": f"label {c['label']} here, label {c['other_label']} at {c['other_locator']}",
+             "sample_id": c["sample_id"], "stage": "conflict", "other_locator": c["other_locator"]}
+            for c in exc.conflicts]
+        write_quarantine_report(report, entries, total_rows=0, limit=max_quarantined_fraction)
+        raise QuarantineError(f"{len(exc.conflicts)} label conflict(s), every one listed in {report}; first: {exc}",
+                              report=report) from None
     if scan.quarantined:
-        report = write_quarantine_report([{**q, "stage": "scan"} for q in scan.quarantined], scan.fingerprint())
+        total = len(scan.samples) + scan.duplicates + len(scan.quarantined)
+        write_quarantine_report(report, [{**q, "stage": "scan"} for q in scan.quarantined], total_rows=total,
+                                limit=max_quarantined_fraction)
         logger.warning("%d images quarantined (listed in %s)", len(scan.quarantined), report)
         if scan.quarantined_fraction > max_quarantined_fraction:
-            raise DataError(
+            raise QuarantineError(
                 f"{scan.quarantined_fraction:.1%} of the images could not be used (limit "
-                f"{max_quarantined_fraction:.1%}); see {report}"
-            )
+                f"{max_quarantined_fraction:.1%}); see {report}", report=report)
     if not scan.samples:
         raise DataError(f"no images found in sources {[s.path for s in sources]}")
     links, loose, near = list(scan.links), [], {}
@@ -179,7 +226,7 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
     groups = {**dataclasses.asdict(plan.stats), "near_duplicates": near}
     split_fp = write_split_manifest(path, plan.splits, splits, data_fingerprint=data_fp, group_of=plan.group_of,
                                     groups=groups, parent=parent,
-                                    extra={"sources": [dataclasses.asdict(s) for s in sources]})
+                                    extra={"sources": source_dicts})
     record_latest_manifest(splits_dir, splits, path)
     _, _, manifest = read_split_manifest(path)
     logger.info("%d unique images (%d duplicates collapsed) in %d groups (largest %d, %d bridges): %s",
@@ -188,7 +235,8 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
     return SplitRef(path=str(path), fingerprint=split_fp, data_fingerprint=data_fp, counts=manifest["counts"],
                     n_samples=len(scan.samples), duplicates=scan.duplicates, quarantined=len(scan.quarantined),
                     max_quarantined_fraction=max_quarantined_fraction, n_groups=plan.stats.n_groups,
-                    largest_group=plan.stats.largest_group, bridges=plan.stats.bridges)
+                    largest_group=plan.stats.largest_group, bridges=plan.stats.bridges,
+                    quarantine_report=str(report))
 
 
 FEATURES_CACHE = OutputCache(
@@ -202,35 +250,60 @@ FEATURES_CACHE = OutputCache(
 def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
     """Embed every image of the split manifest that is not yet in the feature store.
 
-    Images that cannot be decoded are quarantined: listed with file, source row and reason in a report
-    under $STAGE1_HOME/reports, and left out of every split. The run goes on unless the quarantined
-    fraction (scan + decode) exceeds `split.max_quarantined_fraction` or a split loses a class; then it
-    fails, and the features already computed stay in the store for the next run.
+    Images that cannot be decoded are returned in `failed` (with the reason) and left out of every
+    split; `check_quarantine` reports them and applies the run's limit.
     """
     logger = _logger()
-    _, parts, manifest = read_split_manifest(split.path)
+    _, parts, _ = read_split_manifest(split.path)
     check_splits_usable(split_counts(parts), where=split.path)  # before any image is embedded
     samples = [s for rows in parts.values() for s in rows]
     info = embed_samples(samples, backbone, features, log_fn=logger.info)
-    if info.failed:
-        by_id = {s.sample_id: s for s in samples}
-        sources = manifest.get("extra", {}).get("sources", [])
-        entries = [{"locator": f["locator"], "source": by_id[f["sample_id"]].source,
-                    "row": _quarantine_row(f["locator"], by_id[f["sample_id"]].source, sources),
-                    "reason": f["reason"], "sample_id": f["sample_id"], "stage": "decode"} for f in info.failed]
-        report = write_quarantine_report(entries, fingerprint(split.fingerprint, info.store_key))
-        logger.warning("%d images could not be decoded and are quarantined (listed in %s)", len(entries), report)
-        total = split.n_samples + split.duplicates + split.quarantined
-        fraction = (split.quarantined + len(entries)) / total if total else 0.0
-        if fraction > split.max_quarantined_fraction:
-            raise DataError(f"{fraction:.1%} of the images could not be used ({split.quarantined} unreadable, "
-                            f"{len(entries)} undecodable; limit {split.max_quarantined_fraction:.1%}); see "
-                            f"{report}. Features computed so far are kept for the next run.")
-        failed = {f["sample_id"] for f in info.failed}
-        remaining = {name: [s for s in rows if s.sample_id not in failed] for name, rows in parts.items()}
-        check_splits_usable(split_counts(remaining), where=f"{split.path} after quarantining undecodable images")
     FEATURES_CACHE.remember({"split": split, "backbone": backbone, "features": features}, [info.store_dir])
     return info
+
+
+def counted_now(state: Any) -> FeatureSetInfo:
+    """The FeatureSetInfo of an `extract_features` call made with `return_state=True`. A result served
+    from Prefect's cache embedded nothing in this run, whatever the run that computed it did."""
+    info = state.result()
+    if state.name == "Cached":
+        info = dataclasses.replace(info, n_computed=0, seconds=0.0, images_per_second=0.0)
+    return info
+
+
+@task(name="check_quarantine")
+def check_quarantine(split: SplitRef, feats: FeatureSetInfo) -> dict[str, Any]:
+    """This run's quarantine: rows unusable at scan (in the split's report) plus images that could not
+    be decoded, written to one report. Fails, naming the report, when the quarantined fraction of all
+    rows exceeds `split.max_quarantined_fraction` or a split loses a class. Not cached: every run
+    reports its own quarantine, also when the features came from the cache."""
+    logger = _logger()
+    _, parts, manifest = read_split_manifest(split.path)
+    report = Path(split.quarantine_report) if split.quarantine_report else quarantine_report_path()
+    entries = [e for e in read_quarantine_entries(report) if e.get("stage") == "scan"]
+    total = split.n_samples + split.duplicates + split.quarantined
+    if feats.failed:
+        by_id = {s.sample_id: s for rows in parts.values() for s in rows}
+        sources = manifest.get("extra", {}).get("sources", [])
+        entries += [{"locator": f["locator"], "source": by_id[f["sample_id"]].source,
+                     "row": _quarantine_row(f["locator"], by_id[f["sample_id"]].source, sources),
+                     "reason": f["reason"], "sample_id": f["sample_id"], "stage": "decode"} for f in feats.failed]
+    summary = {"path": str(report) if entries else "", "scan": split.quarantined, "decode": len(feats.failed),
+               "quarantined": split.quarantined + len(feats.failed), "rows": total}
+    if not entries:
+        return summary
+    write_quarantine_report(report, entries, total_rows=total, limit=split.max_quarantined_fraction)
+    if feats.failed:
+        logger.warning("%d images could not be decoded and are quarantined (listed in %s)", len(feats.failed), report)
+    fraction = summary["quarantined"] / total if total else 0.0
+    if fraction > split.max_quarantined_fraction:
+        raise QuarantineError(f"{fraction:.1%} of the images could not be used ({split.quarantined} unreadable, "
+                              f"{len(feats.failed)} undecodable; limit {split.max_quarantined_fraction:.1%}); see "
+                              f"{report}. Features computed so far are kept for the next run.", report=report)
+    failed = {f["sample_id"] for f in feats.failed}
+    remaining = {name: [s for s in rows if s.sample_id not in failed] for name, rows in parts.items()}
+    check_splits_usable(split_counts(remaining), where=f"{split.path} after quarantining undecodable images")
+    return summary
 
 
 def split_arrays(split: SplitRef, feats: FeatureSetInfo, names: tuple[str, ...]
@@ -404,8 +477,17 @@ EXPORT_CACHE = OutputCache(
     lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
                p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
                p.get("baselines"), p.get("backbone_mode", "frozen"), p.get("adapter_dir") is not None,
-               p.get("merge_adapters", False)),
+               p.get("merge_adapters", False), _signing_key_id()),
 )
+
+
+def _signing_key_id() -> str | None:
+    """Part of the export's cache key: configuring (or changing) the team's signing key re-exports, so
+    that the bundle carries the signature."""
+    from stage1core.signing import key_id, load_private_key
+
+    path = bundle_signing_key()
+    return key_id(load_private_key(path).public_key()) if path is not None else None
 
 
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
@@ -435,6 +517,7 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
                 "features_fingerprint": feats.fingerprint, "head_fingerprint": head.fingerprint,
                 "split_manifest_sha256": sha256_file(split.path)},
         json_files={"baselines.json": baselines} if baselines else None,
+        signing_key=bundle_signing_key(),
         files={"plots/fnr_fpr.png": eval_dir / "fnr_fpr.png",
                "plots/reliability.png": eval_dir / "reliability.png",
                "plots/risk_coverage.png": eval_dir / "risk_coverage.png",

@@ -18,7 +18,10 @@ class BundleModel(PythonModel):
     def load_context(self, context) -> None:
         from stage1core.bundle import load_bundle
 
-        self.predictor = load_bundle(context.artifacts["bundle"], device="cpu")
+        # the fingerprint recorded at registration: a bundle edited and re-hashed afterwards is refused;
+        # with $STAGE1_BUNDLE_PUBLIC_KEY set, load_bundle also checks the team's signature
+        expected = (context.model_config or {}).get("bundle_fingerprint")
+        self.predictor = load_bundle(context.artifacts["bundle"], device="cpu", expected_fingerprint=expected)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         images = [base64.b64decode(v) for v in model_input["image"]]

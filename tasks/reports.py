@@ -57,10 +57,18 @@ def _quality_markdown(head: Any, judged: dict[str, Any] | None) -> str:
     return "\n\n".join(lines)
 
 
+def _quarantine_line(quarantine: dict[str, Any] | None) -> str:
+    if not quarantine or not quarantine.get("quarantined"):
+        return "none: every image was usable"
+    return (f"{quarantine['quarantined']} of {quarantine['rows']} images left out ({quarantine['scan']} unreadable at "
+            f"scan, {quarantine['decode']} undecodable), listed in `{quarantine['path']}`")
+
+
 @task(name="publish_reports")
 def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bundle_path: str,
                     mlflow_run: dict[str, str], registered: dict[str, str] | None, counts: dict[str, Any],
-                    head: Any = None, baselines: dict[str, Any] | None = None) -> None:
+                    head: Any = None, baselines: dict[str, Any] | None = None,
+                    quarantine: dict[str, Any] | None = None) -> None:
     rows = [{"metric": k, "test": _fmt(metrics.get(k))} for k in METRIC_ORDER if k in metrics]
     create_table_artifact(key="test-metrics", table=rows,
                           description="Test-split metrics at the guaranteed threshold")
@@ -85,6 +93,7 @@ FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metric
 
 {_quality_markdown(head, baselines)}
 
+- **Quarantine** {_quarantine_line(quarantine)}
 - **Bundle** `{bundle_path}`
 - **Model** {version}
 - **MLflow run** [{mlflow_run['run_id']}]({mlflow_run['url']})

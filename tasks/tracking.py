@@ -8,8 +8,10 @@ takes the `run_id` explicitly and uses `MlflowClient`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,15 +23,51 @@ from prefect import get_run_logger, task
 from stage1core.bundle import BundleInfo, read_manifest
 from stage1core.home import home_path, mlflow_artifact_root, mlflow_tracking_uri
 
+from .runs import close_abandoned_runs, record_run_end, record_run_start
 from .servers import ServerUnreachable, check_server  # noqa: F401  (re-exported)
 
 MODEL_NAME = "stage1-roadwork"
+_initialised: set[str] = set()
+_init_guard = threading.Lock()
+
+
+def _logger():
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called as .fn() outside a flow run, e.g. in tests
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 def client() -> MlflowClient:
     uri = mlflow_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    if uri in _initialised:
+        return MlflowClient(tracking_uri=uri)
+    with _init_guard, _database_setup_lock(uri):
+        # building the stores (the client builds its tracking store at once) creates and migrates a fresh
+        # database: once, under the lock; the stores are cached per URI for the life of the process
+        mc = MlflowClient(tracking_uri=uri)
+        mc._get_registry_client().store  # noqa: B018
+        _initialised.add(uri)
+    return mc
+
+
+def _database_setup_lock(uri: str):
+    """An OS file lock beside a SQLite database: two first runs on a fresh home must not both run
+    MLflow's migrations (alembic "Online migration expected to match one row", "duplicate column").
+    Servers set up their own database: no lock."""
+    from filelock import FileLock
+
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or uri in ("sqlite://", "sqlite:///:memory:"):
+        return contextlib.nullcontext()
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else Path(parsed.path)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".setup.lock")
 
 
 def check_tracking_server(timeout_s: float = 3.0) -> None:
@@ -64,11 +102,36 @@ def run_url(experiment_id: str, run_id: str) -> str:
 
 @task(name="start_mlflow_run")
 def start_mlflow_run(experiment: str, run_name: str, tags: dict[str, str]) -> dict[str, str]:
+    """Create the flow run's MLflow run and record it as in flight (tasks/runs.py); first, close the
+    runs that processes killed on this machine left RUNNING."""
     check_tracking_server()  # the flow's first task: an unreachable server fails before any image is read
     mc = client()
+    uri = mlflow_tracking_uri()
+    closed = close_abandoned_runs(mc, uri, closed_by=f"run {run_name}")
+    if closed:
+        _logger().warning("closed %d MLflow run(s) left RUNNING by a killed process: %s", len(closed),
+                          ", ".join(closed))
     exp_id = ensure_experiment(experiment)
     run = mc.create_run(exp_id, run_name=run_name, tags=tags)
+    record_run_start(mlflow_run_id=run.info.run_id, tracking_uri=uri, flow_run_id=tags.get("prefect.flow_run_id"))
     return {"run_id": run.info.run_id, "experiment_id": exp_id, "url": run_url(exp_id, run.info.run_id)}
+
+
+@task(name="log_quarantine")
+def log_quarantine(run_id: str, quarantine: dict[str, Any]) -> None:
+    """The run's quarantine counts as metrics, and its report (when anything was quarantined) as an
+    artifact with its path as a tag."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mc = client()
+    now = int(time.time() * 1000)
+    mc.log_batch(run_id, metrics=[Metric(f"quarantine/{k}", float(quarantine[k]), now, 0)
+                                  for k in ("scan", "decode", "quarantined", "rows") if k in quarantine])
+    if quarantine.get("path"):
+        mc.log_artifact(run_id, quarantine["path"], artifact_path="quarantine")
+        mc.set_tag(run_id, "quarantine.report", quarantine["path"])
 
 
 def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
@@ -174,6 +237,8 @@ def _input_example() -> Any:
 
 
 def find_version(model_name: str, bundle_fingerprint: str):
+    """The version registered for this bundle, or None. A version without the `bundle_fingerprint` tag
+    (registered by a process killed before it tagged it) is recognised by its MLflow run's tag."""
     mc = client()
     try:
         versions = mc.search_model_versions(f"name = '{model_name}'")
@@ -182,58 +247,145 @@ def find_version(model_name: str, bundle_fingerprint: str):
     for version in versions:
         if version.tags.get("bundle_fingerprint") == bundle_fingerprint:
             return version
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        if "bundle_fingerprint" not in version.tags and _run_bundle_fingerprint(mc, version) == bundle_fingerprint:
+            return version
     return None
+
+
+def _run_bundle_fingerprint(mc: MlflowClient, version) -> str | None:
+    run_id = version.run_id
+    if not run_id and getattr(version, "model_id", None):
+        try:
+            run_id = mc.get_logged_model(version.model_id).source_run_id
+        except mlflow.exceptions.MlflowException:
+            return None
+    if not run_id:
+        return None
+    try:
+        return mc.get_run(run_id).data.tags.get("bundle_fingerprint")
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _registration_lock(model_name: str):
+    """One registration of a model at a time on this home (two runs of one bundle must not both create
+    a version); a server-backed registry shared by several machines is not covered."""
+    from filelock import FileLock
+
+    from stage1core.fingerprint import sha256_bytes
+
+    return FileLock(str(home_path("locks") / f"register-{sha256_bytes(model_name.encode())[:16]}.lock"))
 
 
 @task(name="register_bundle")
 def register_bundle(run_id: str, bundle: BundleInfo, *, model_name: str, alias: str,
                     tags: dict[str, str], description: str) -> dict[str, str]:
-    """Log the bundle as a pyfunc model and register it (idempotent: a bundle already registered
-    keeps its version), then point `alias` at it."""
+    """Log the bundle as a pyfunc model and register it, then point `alias` at it.
+
+    Idempotent and crash-consistent: a version is created with its tags and description in one call,
+    so no process kill leaves an untagged version; a bundle already registered keeps its version, and
+    whatever a killed run did not finish (tags, description, alias) is completed.
+    """
+    logger = _logger()
+    mc = client()
+    manifest = read_manifest(bundle.path)
+    mv_tags = {"bundle_fingerprint": bundle.fingerprint, "policy": manifest["policy"],
+               "backbone_fingerprint": manifest["backbone_fingerprint"],
+               "backbone_random_init": str(manifest.get("backbone_random_init", False)).lower(), **tags}
+    with _registration_lock(model_name):
+        existing = find_version(model_name, bundle.fingerprint)
+        if existing is not None:
+            version = str(existing.version)
+            missing = {k: str(v) for k, v in mv_tags.items() if k not in existing.tags}
+            # the tags of the run that registered it stay; only what a killed run left out is added
+            for key, value in missing.items():
+                mc.set_model_version_tag(model_name, version, key, value)
+            if not existing.description:
+                mc.update_model_version(model_name, version, description=description)
+            done = "completed (" + ", ".join(sorted(missing)) + ")" if missing else "kept"
+            logger.info("bundle %s is already registered as %s version %s: %s", bundle.fingerprint[:12], model_name,
+                        version, done)
+        else:
+            version = _create_version(run_id, bundle, model_name=model_name, tags=mv_tags, description=description)
+        mc.set_registered_model_alias(model_name, alias, version)
+    mc.set_tag(run_id, "model_version", f"{model_name}/{version}")
+    return {"model_name": model_name, "version": str(version), "alias": alias}
+
+
+def _create_version(run_id: str, bundle: BundleInfo, *, model_name: str, tags: dict[str, str],
+                    description: str) -> str:
+    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     import stage1core
 
-    logger = get_run_logger()
-    mc = client()
-    manifest = read_manifest(bundle.path)
-    existing = find_version(model_name, bundle.fingerprint)
-    if existing is not None:
-        version = existing.version
-        logger.info("bundle %s is already registered as %s version %s", bundle.fingerprint[:12], model_name, version)
-    else:
-        signature = ModelSignature(
-            inputs=Schema([ColSpec("string", "image")]),
-            outputs=Schema([ColSpec("double", "p_roadwork"), ColSpec("long", "decision")]),
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("double", "p_roadwork"), ColSpec("long", "decision")]),
+    )
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"bundle": bundle.path},
+            code_paths=[str(Path(stage1core.__file__).parent)],
+            signature=signature,
+            input_example=_input_example(),
+            pip_requirements=["torch", "timm", "safetensors", "jsonschema", "pillow", "numpy", "pandas",
+                              "scikit-learn", "scipy", "matplotlib", "pyarrow", "tqdm", "cryptography"],
+            # the pyfunc refuses a bundle whose fingerprint is not the registered one
+            model_config={"bundle_fingerprint": bundle.fingerprint},
         )
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"bundle": bundle.path},
-                code_paths=[str(Path(stage1core.__file__).parent)],
-                signature=signature,
-                input_example=_input_example(),
-                pip_requirements=["torch", "timm", "safetensors", "jsonschema", "pillow", "numpy", "pandas",
-                                  "scikit-learn", "scipy", "matplotlib", "pyarrow", "tqdm"],
-                registered_model_name=model_name,
-            )
-        version = str(info.registered_model_version)
-        mv_tags = {"bundle_fingerprint": bundle.fingerprint, "policy": manifest["policy"],
-                   "backbone_fingerprint": manifest["backbone_fingerprint"],
-                   "backbone_random_init": str(manifest.get("backbone_random_init", False)).lower(), **tags}
-        for key, value in mv_tags.items():
-            mc.set_model_version_tag(model_name, version, key, str(value))
-        mc.update_model_version(model_name, version, description=description)
-    mc.set_registered_model_alias(model_name, alias, version)
-    mc.set_tag(run_id, "model_version", f"{model_name}/{version}")
-    return {"model_name": model_name, "version": str(version), "alias": alias}
+    mc = client()
+    # leaving `start_run` marked the run FINISHED; the flow is not: a kill from here on must leave it
+    # RUNNING, for the next run to close (tasks/runs.py)
+    mc.update_run(run_id, status="RUNNING")
+    try:
+        mc.create_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = mc.create_model_version(model_name, source=info.model_uri, run_id=run_id,
+                                 tags={k: str(v) for k, v in tags.items()}, description=description,
+                                 model_id=info.model_id)
+    return str(mv.version)
+
+
+def close_run(run_id: str, error: BaseException) -> None:
+    """End the MLflow run of a flow that failed or was stopped (FAILED; KILLED for Ctrl-C or SIGTERM)
+    and drop its in-flight record; a quarantine report named by the error goes along as an artifact.
+    Not a task: it runs while the flow is being torn down, with a short deadline so that a server that
+    stopped answering cannot hold the exit."""
+    status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) or \
+        type(error).__name__ == "TerminationSignal" else "FAILED"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    try:
+        mc = client()
+        report = getattr(error, "report", "")
+        if report and Path(report).is_file():
+            mc.log_artifact(run_id, report, artifact_path="quarantine")
+            mc.set_tag(run_id, "quarantine.report", report)
+        mc.set_terminated(run_id, status=status)
+        record_run_end(run_id)
+    except Exception as exc:  # noqa: BLE001  (the original error matters more; the ledger closes it later)
+        import logging
+
+        logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, exc)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @task(name="end_mlflow_run")
 def end_mlflow_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
+    record_run_end(run_id)
 
 
 def tracking_summary() -> dict[str, str]:

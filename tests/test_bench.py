@@ -45,6 +45,13 @@ def test_cached_rerun_bench_quick_mode(tmp_path):
     assert "cold run:" in out and "warm run:" in out
 
 
+@pytest.mark.slow
+def test_startup_bench_quick_mode(tmp_path):
+    out = run_bench("startup", tmp_path, timeout=1200)
+    assert re.search(r"^ratio: warm / cold wall time = [\d.]+%", out, re.M), out
+    assert "cold run (empty home):" in out and "warm run: where the time goes:" in out
+
+
 def test_gpu_bench_says_plainly_when_there_is_no_cuda(tmp_path):
     out = run_bench("gpu", tmp_path)
     import torch

@@ -187,6 +187,39 @@ def test_deleted_outputs_are_recomputed_not_served_stale(first_run, tiny_demo):
 
 
 @pytest.mark.slow
+def test_the_registered_version_refuses_a_bundle_forged_in_the_artifact_store(first_run):
+    """Edit the registered bundle's threshold where MLflow keeps it and re-hash every file and the manifest:
+    integrity checks pass, but the fingerprint is no longer the one recorded at registration."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from stage1core.fingerprint import fingerprint, sha256_file
+
+    client = MlflowClient()
+    version = client.get_model_version("stage1-flow-test", first_run["registered"]["version"])
+    location = client.get_logged_model(version.model_id or version.source.removeprefix("models:/")).artifact_location
+    (manifest_path,) = Path(location.removeprefix("file://")).rglob("manifest.json")
+    bundle = manifest_path.parent
+    saved = {p: p.read_bytes() for p in (bundle / "thresholds.json", manifest_path)}
+    try:
+        thresholds = json.loads((bundle / "thresholds.json").read_text())
+        thresholds["threshold"] = 0.0  # everything becomes roadwork
+        (bundle / "thresholds.json").write_text(json.dumps(thresholds))
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"] = {rel: sha256_file(bundle / rel) for rel in manifest["files"]}
+        manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"],
+                                              manifest["policy"], manifest["backbone_fingerprint"], manifest["files"],
+                                              manifest["inputs"])
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(Exception, match="is not the registered"):
+            mlflow.pyfunc.load_model(f"models:/stage1-flow-test/{version.version}")
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+    mlflow.pyfunc.load_model(f"models:/stage1-flow-test/{version.version}")  # the genuine bundle loads
+
+
+@pytest.mark.slow
 def test_too_few_calib_positives_fails_with_the_needed_number(prefect_server, tiny_demo):
     from flows.train_pipeline import train_pipeline
     from stage1core.guarantees import InsufficientCalibrationData

@@ -466,7 +466,7 @@ def _csv_source(tmp_path: Path, tiny_demo: Path) -> tuple[Path, dict[str, int]]:
 def test_undecodable_images_are_quarantined_and_the_run_fails_only_above_the_limit(home, tmp_path, tiny_demo,
                                                                                   tiny_eva_module):
     from stage1core.splits import SplitConfig
-    from tasks.pipeline import build_splits, extract_features, split_arrays
+    from tasks.pipeline import build_splits, check_quarantine, extract_features, split_arrays
 
     labels, rows = _csv_source(tmp_path, tiny_demo)
     sources = [SourceConfig(str(labels), name="natix")]
@@ -476,23 +476,29 @@ def test_undecodable_images_are_quarantined_and_the_run_fails_only_above_the_lim
     # 125 rows, 2 unusable at scan (empty, missing) + 3 undecodable = 4% > a 3% limit: fail, naming the report
     strict = build_splits.fn(sources, splits, max_quarantined_fraction=0.03)
     assert strict.quarantined == 2
-    with pytest.raises(DataError, match=r"4\.0% of the images could not be used .*limit 3\.0%.*quarantine-"):
-        extract_features.fn(strict, tiny_eva_module, feats_cfg)
+    first = extract_features.fn(strict, tiny_eva_module, feats_cfg)
+    with pytest.raises(DataError, match=r"4\.0% of the images could not be used .*limit 3\.0%.*quarantine-") as err:
+        check_quarantine.fn(strict, first)
+    assert err.value.report == strict.quarantine_report
 
     # the next run with a looser limit continues, and reuses every feature already computed
     split = build_splits.fn(sources, splits, max_quarantined_fraction=0.05)
     info = extract_features.fn(split, tiny_eva_module, feats_cfg)
     assert info.n_computed == 0 and len(info.failed) == 3
-    reports = {}
-    for report in (home / "reports").glob("quarantine-*.json"):
-        for entry in json.loads(report.read_text()):
-            reports[Path(entry["locator"]).name] = entry
-    assert set(reports) == set(rows)
+    summary = check_quarantine.fn(split, info)
+    assert summary == {"path": split.quarantine_report, "scan": 2, "decode": 3, "quarantined": 5, "rows": 125}
+    # one report per run, named by the run, covering scan and decode
+    assert split.quarantine_report != strict.quarantine_report
+    report = json.loads(Path(summary["path"]).read_text())
+    assert report["counts"] == {"scan": 2, "decode": 3, "conflict": 0, "quarantined": 5, "rows": 125}
+    entries = {Path(e["locator"]).name: e for e in report["entries"]}
+    assert set(entries) == set(rows)
     for name, row in rows.items():
-        assert reports[name]["row"] == row and reports[name]["source"] == "natix" and reports[name]["reason"]
-    assert reports["missing.jpg"]["reason"] == "missing file"
-    assert "too large" in reports["bomb.png"]["reason"] and "not an image" in reports["webpage.jpg"]["reason"]
-    assert "truncated" in reports["truncated.jpg"]["reason"]
+        assert entries[name]["row"] == row and entries[name]["source"] == "natix" and entries[name]["reason"]
+    assert {e["stage"] for e in entries.values()} == {"scan", "decode"}
+    assert entries["missing.jpg"]["reason"] == "missing file"
+    assert "too large" in entries["bomb.png"]["reason"] and "not an image" in entries["webpage.jpg"]["reason"]
+    assert "truncated" in entries["truncated.jpg"]["reason"]
     # quarantined images are in no split's arrays; every other image is
     arrays = split_arrays(split, info, ("train", "val", "calib", "test"))
     assert sum(len(ids) for ids, _, _ in arrays.values()) == split.n_samples - 3
@@ -845,3 +851,659 @@ def test_features_computed_before_a_tracking_failure_are_reused(home, tmp_path, 
     again = extract_features.fn(split, tiny_eva_module, FeatureConfig(batch_size=32, num_workers=0))
     assert first.n_computed == split.n_samples and again.n_computed == 0
     assert again.fingerprint == first.fingerprint
+
+
+# ----------------------------------------------------------------------------- deployment faults (issue 14)
+# The `stage1` command as a deployment runs it: a subprocess in its own session (so that every process
+# it starts can be found by session id in /proc), with its own $STAGE1_HOME, under bounded timeouts.
+
+STAGE1 = Path(sys.executable).with_name("stage1")
+TINY_EVA = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32}
+
+
+def tiny_params(data: Path, *, model_name: str = "stage1-faults") -> dict:
+    """The tiny flow-test run as `stage1 train --params` JSON: random-init tiny Eva, 4 epochs."""
+    return {
+        "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
+        "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
+        "backbone": {"name": "vit_small_patch16_dinov3", "weights": "random", "pooling": "cls+avg",
+                     "model_kwargs": dict(TINY_EVA), "input_size": 32},
+        "features": {"batch_size": 32, "num_workers": 0},
+        "train": {"epochs": 4, "batch_size": 32},
+        "guarantee": {"alpha": 0.2, "delta": 0.2},
+        "registry": {"experiment": "faults", "model_name": model_name},
+    }
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    """The test session's environment without its Prefect/MLflow/stage1 settings, plus a home."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "STAGE1_"))}
+    env.update({"STAGE1_HOME": str(home), "PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    env.update(extra)
+    return env
+
+
+def stage1_cmd() -> list[str]:
+    if not STAGE1.exists():
+        pytest.skip("the stage1 console script is not installed in this interpreter (make venv)")
+    return [str(STAGE1)]
+
+
+def start_stage1(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    return subprocess.Popen([*stage1_cmd(), *args], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def run_stage1(args: list[str], env: dict[str, str], cwd: Path, *, timeout: float = 900,
+               stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*stage1_cmd(), *args], env=env, cwd=cwd, capture_output=True, timeout=timeout,
+                          input=stdin if stdin is not None else b"", start_new_session=True)
+
+
+def session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, command) of every live (non-zombie) process in session `sid`, read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            found.append((int(entry.name), cmd.strip()))
+    return found
+
+
+def wait_for(check, *, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def query(db: Path, sql: str, *args) -> list[tuple]:
+    import sqlite3
+
+    if not db.exists():
+        return []
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as conn:
+        try:
+            return conn.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
+            return []
+
+
+def mlflow_db(home: Path) -> Path:
+    return home / "mlflow" / "mlflow.db"
+
+
+def prefect_db(home: Path) -> Path:
+    return home / "prefect" / "prefect.db"
+
+
+def text(proc: subprocess.CompletedProcess) -> tuple[str, str]:
+    return proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_a_broken_image(tiny_demo, tmp_path_factory) -> Path:
+    """The tiny demo data plus one undecodable image (1 of 121 rows: under the 1% quarantine limit)."""
+    data = tmp_path_factory.mktemp("tiny-broken") / "data"
+    shutil.copytree(tiny_demo, data)
+    write(data / "roadwork" / "zz-broken.jpg", encode(photo(64, 64, seed=9), "JPEG")[:700])
+    return data
+
+
+@pytest.fixture(scope="module")
+def fresh_home_runs(tiny_with_a_broken_image, tmp_path_factory):
+    """Rows 2, 9, 11 and 13 in two commands: `stage1 train` on a home that does not exist yet, with
+    MLFLOW_TRACKING_URI set, from a working directory holding a poisoned `inspect.py`; then the same
+    command again (everything cached)."""
+    tmp = tmp_path_factory.mktemp("fresh-home")
+    home = tmp / "not" / "there" / "yet"
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    marker = tmp / "shadowed"
+    (cwd / "inspect.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nraise ImportError('shadow')\n")
+    params = tmp / "params.json"
+    params.write_text(json.dumps(tiny_params(tiny_with_a_broken_image)))
+    env = cli_env(home, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'tracking.db'}")
+    first = run_stage1(["train", "--params", str(params)], env, cwd)
+    second = run_stage1(["train", "--params", str(params)], env, cwd)
+    return {"home": home, "tmp": tmp, "marker": marker, "first": first, "second": second}
+
+
+def test_a_new_home_is_created_first_whatever_else_is_set(fresh_home_runs):
+    out, err = text(fresh_home_runs["first"])
+    assert fresh_home_runs["first"].returncode == 0, out[-3000:] + err[-5000:]
+    for sub in ("prefect", "mlflow", "reports", "runs", "locks"):
+        assert (fresh_home_runs["home"] / sub).is_dir()
+    assert "Traceback" not in out + err and "Failed to create the Prefect home" not in out + err
+    assert "model version: stage1-faults v1 (alias @challenger)" in out
+
+
+def test_no_child_process_imports_from_the_working_directory(fresh_home_runs):
+    assert fresh_home_runs["first"].returncode == 0
+    assert not fresh_home_runs["marker"].exists(), "a process imported inspect.py from the working directory"
+
+
+def test_the_run_reports_its_quarantine_in_the_summary_prefect_and_mlflow(fresh_home_runs):
+    from mlflow.tracking import MlflowClient
+
+    out, err = text(fresh_home_runs["first"])
+    assert fresh_home_runs["first"].returncode == 0, err[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("quarantine:"))
+    assert "quarantine: 1 of 121 images left out (0 unreadable, 1 undecodable), listed in " in line
+    report = Path(line.rsplit(" listed in ", 1)[1])
+    assert report.parent == fresh_home_runs["home"] / "reports"
+    doc = json.loads(report.read_text())
+    assert doc["counts"]["decode"] == 1 and doc["entries"][0]["locator"].endswith("zz-broken.jpg")
+    run_id = next(x for x in out.splitlines() if x.startswith("MLflow run:")).split()[2]
+    client = MlflowClient(tracking_uri=f"sqlite:///{fresh_home_runs['tmp'] / 'tracking.db'}")
+    run = client.get_run(run_id)
+    assert run.data.metrics["quarantine/decode"] == 1 and run.data.tags["quarantine.report"] == str(report)
+    assert any(a.path.endswith(report.name) for a in client.list_artifacts(run_id, "quarantine"))
+    summaries = query(prefect_db(fresh_home_runs["home"]), "select data from artifact where key = 'run-summary'")
+    assert any(str(report) in row[0] for row in summaries)
+    # the second run writes its own report, under its own name
+    line2 = next(x for x in text(fresh_home_runs["second"])[0].splitlines() if x.startswith("quarantine:"))
+    assert line2.rsplit(" listed in ", 1)[1] != str(report)
+
+
+def test_a_fully_cached_rerun_says_nothing_was_embedded(fresh_home_runs):
+    out, err = text(fresh_home_runs["second"])
+    assert fresh_home_runs["second"].returncode == 0, err[-3000:]
+    assert "features: 0 embedded now, 120 from cache" in out
+    assert "features: 120 embedded now, 0 from cache" in text(fresh_home_runs["first"])[0]
+    assert "model version: stage1-faults v1 (alias @challenger)" in out  # no duplicate version
+
+
+class HungServer:
+    """A loopback server that accepts connections and never answers (a hung MLflow or Prefect)."""
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def hung_server():
+    server = HungServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
+def test_a_server_that_accepts_and_never_answers_is_named_within_a_minute(setting, hung_server, tmp_path, tiny_demo):
+    url = f"http://127.0.0.1:{hung_server.port}" + ("/api" if setting == "PREFECT_API_URL" else "")
+    started = time.monotonic()
+    proc = run_stage1(["train", "--source", str(tiny_demo)], cli_env(tmp_path / "home", **{setting: url}), tmp_path,
+                      timeout=120)
+    elapsed = time.monotonic() - started
+    out, err = text(proc)
+    what = "MLflow server" if setting == "MLFLOW_TRACKING_URI" else "Prefect server"
+    assert proc.returncode == 2, out + err
+    assert f"stage1: error: {what} at {url} does not answer (waited 10 s" in err
+    assert "Traceback" not in out + err
+    assert elapsed < 60
+    assert not (tmp_path / "home" / "features").exists()
+
+
+@pytest.fixture
+def keep_mlflow_tracking_uri():
+    """tasks.tracking.client() sets MLflow's process-wide tracking URI; put back the session's."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(saved)
+
+
+def test_closing_a_run_on_a_server_that_stopped_answering_is_bounded(hung_server, monkeypatch,
+                                                                    keep_mlflow_tracking_uri):
+    """The flow's failure path ends its MLflow run with a short deadline: a hung server cannot hold the exit."""
+    from tasks import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{hung_server.port}")
+    monkeypatch.setattr(tracking, "_initialised", {f"http://127.0.0.1:{hung_server.port}"})
+    started = time.monotonic()
+    tracking.close_run("0" * 32, KeyboardInterrupt())  # logs a warning, never raises
+    assert time.monotonic() - started < 20
+
+
+def test_mlflow_and_prefect_calls_have_product_deadlines():
+    from stage1core.home import configure_environment
+
+    saved = dict(os.environ)
+    try:
+        for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "PREFECT_API_REQUEST_TIMEOUT",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "PYTHONSAFEPATH"):
+            os.environ.pop(key, None)
+        configure_environment()
+        timeout = int(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+        retries = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+        backoff = int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
+        # worst case of one MLflow call: every attempt times out, plus the backoff between them
+        assert (retries + 1) * timeout + sum(backoff * 2**i for i in range(retries)) < 60
+        assert int(os.environ["PREFECT_API_REQUEST_TIMEOUT"]) <= 60
+        assert int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]) >= 120
+        assert os.environ["PYTHONSAFEPATH"] == "1"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _in_flight(home: Path) -> list[dict]:
+    out = []
+    for path in (home / "runs").glob("*.json"):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_demo):
+    home = tmp_path / "home"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-sigterm")))
+    proc = start_stage1(["train", "--params", str(params)], cli_env(home), tmp_path, tmp_path / "log")
+    try:
+        entry = wait_for(lambda: _in_flight(home), timeout=600, what="the MLflow run to start", every=0.2)[0]
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = proc.wait(timeout=60)
+        stopped_in = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "log").read_text(errors="replace")
+    assert code == 128 + signal.SIGTERM, log[-4000:]
+    assert "stage1: stopped by SIGTERM" in log and "Traceback" not in log
+    assert stopped_in < 30
+    wait_for(lambda: not session_processes(proc.pid), timeout=30, what="the local Prefect server to exit")
+    status = query(mlflow_db(home), "select status from runs where run_uuid = ?", entry["mlflow_run_id"])
+    assert status == [("KILLED",)]
+    states = query(prefect_db(home), "select state_type from flow_run where name is not null")
+    assert states and all(s == "CANCELLED" for (s,) in states), states
+    assert not _in_flight(home)
+
+
+def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun_completes_it(tmp_path, tiny_demo):
+    home = tmp_path / "home"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-kill9")))
+    env = cli_env(home)
+    proc = start_stage1(["train", "--params", str(params)], env, tmp_path, tmp_path / "log")
+    try:
+        wait_for(lambda: query(mlflow_db(home), "select version from model_versions where name = 'stage1-kill9'"),
+                 timeout=900, what="the model version to be created", every=0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        # the local Prefect server (and anything else it started) dies with it
+        wait_for(lambda: not session_processes(proc.pid), timeout=30,
+                 what=f"no orphan (left: {session_processes(proc.pid)})")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (killed,) = _in_flight(home)
+    assert query(mlflow_db(home), "select status from runs where run_uuid = ?", killed["mlflow_run_id"]) == [
+        ("RUNNING",)]
+
+    again = run_stage1(["train", "--params", str(params)], env, tmp_path)
+    out, err = text(again)
+    assert again.returncode == 0, out[-3000:] + err[-3000:]
+    assert "model version: stage1-kill9 v1 (alias @challenger)" in out
+    versions = query(mlflow_db(home), "select version from model_versions where name = 'stage1-kill9'")
+    assert versions == [(1,)]
+    tags = dict(query(mlflow_db(home), "select key, value from model_version_tags where name = 'stage1-kill9'"))
+    assert {"bundle_fingerprint", "data_fingerprint", "test_mcc", "quality"} <= set(tags)
+    assert query(mlflow_db(home), "select alias, version from registered_model_aliases where name = 'stage1-kill9'"
+                 ) == [("challenger", 1)]
+    # the killed run's MLflow run and flow run are closed, with a note
+    assert query(mlflow_db(home), "select status from runs where run_uuid = ?", killed["mlflow_run_id"]) == [
+        ("KILLED",)]
+    note = query(mlflow_db(home), "select value from tags where run_uuid = ? and key = 'stage1.closed'",
+                 killed["mlflow_run_id"])
+    assert note and f"process {killed['pid']}" in note[0][0]
+    assert query(prefect_db(home), "select state_type from flow_run where id = ?", killed["flow_run_id"]) == [
+        ("CRASHED",)]
+    assert not _in_flight(home)
+
+
+@pytest.fixture
+def registry_home(tmp_path, monkeypatch, keep_mlflow_tracking_uri):
+    from tasks import tracking
+
+    monkeypatch.setenv("STAGE1_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'registry.db'}")
+    monkeypatch.setattr(tracking, "_initialised", set())
+    return tmp_path
+
+
+@pytest.mark.parametrize("left", ["untagged_version", "version_without_alias"])
+def test_a_half_registered_bundle_is_completed_not_registered_again(registry_home, bundle_parts, left):
+    """What a kill between "Created version" and the tags or the alias leaves (an untagged version is what
+    the old registration left; the current one creates a version with its tags in one call)."""
+    from stage1core.bundle import BundleInfo
+    from tasks.tracking import client, ensure_experiment, register_bundle
+
+    manifest = read_manifest(bundle_parts["bundle"])
+    bundle = BundleInfo(path=str(bundle_parts["bundle"]), fingerprint=manifest["fingerprint"], name="rel")
+    mc = client()
+    killed = mc.create_run(ensure_experiment("registry"), tags={"bundle_fingerprint": bundle.fingerprint})
+    mc.create_registered_model("half")
+    if left == "untagged_version":
+        mc.create_model_version("half", source=str(bundle_parts["bundle"]), run_id=killed.info.run_id)
+    else:
+        mc.create_model_version("half", source=str(bundle_parts["bundle"]), run_id=killed.info.run_id,
+                                tags={"bundle_fingerprint": bundle.fingerprint})
+    rerun = mc.create_run(ensure_experiment("registry"))
+    out = register_bundle.fn(rerun.info.run_id, bundle, model_name="half", alias="challenger",
+                             tags={"data_fingerprint": "d" * 64}, description="the card")
+    assert out["version"] == "1"
+    versions = mc.search_model_versions("name = 'half'")
+    assert [str(v.version) for v in versions] == ["1"]
+    version = versions[0]
+    assert version.tags["bundle_fingerprint"] == bundle.fingerprint and version.tags["data_fingerprint"] == "d" * 64
+    assert version.description == "the card"
+    assert str(mc.get_model_version_by_alias("half", "challenger").version) == "1"
+    # a second registration of the same bundle is a no-op
+    register_bundle.fn(rerun.info.run_id, bundle, model_name="half", alias="challenger", tags={}, description="x")
+    assert len(mc.search_model_versions("name = 'half'")) == 1
+
+
+def _first_mlflow_use(uri: str, home: str, ready, go, out) -> None:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["STAGE1_HOME"] = home
+    try:
+        from tasks.tracking import client, ensure_experiment
+
+        ready.put(os.getpid())
+        go.wait(300)
+        client()
+        ensure_experiment("race")
+        out.put("ok")
+    except BaseException as exc:  # noqa: BLE001
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_concurrent_first_runs_set_up_the_mlflow_database_once(tmp_path):
+    """Four processes open a fresh SQLite tracking store at the same instant (MLflow's migrations raced:
+    alembic "Online migration expected to match one row", "duplicate column name")."""
+    spawn = multiprocessing.get_context("spawn")
+    ready, go, out = spawn.Queue(), spawn.Event(), spawn.Queue()
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    procs = [spawn.Process(target=_first_mlflow_use, args=(uri, str(tmp_path / "home"), ready, go, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for _ in procs:  # all imported: then they open the store at the same instant
+        ready.get(timeout=300)
+    go.set()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert results == ["ok"] * 4, results
+
+
+def _read_only(path: Path):
+    """Make `path` read-only for the stage1 process: a read-only bind mount when root (root ignores
+    permissions), else mode 0555."""
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode != 0 or \
+                subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("cannot make a read-only mount here")
+        return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    path.chmod(0o555)
+    return lambda: path.chmod(0o755)
+
+
+@pytest.mark.parametrize("filled", [False, True])
+def test_a_read_only_home_is_one_clear_error_and_help_still_works(tmp_path, tiny_demo, filled):
+    home = tmp_path / "home"
+    home.mkdir()
+    if filled:
+        for sub in ("prefect", "mlflow"):
+            (home / sub).mkdir()
+        (home / "prefect" / "prefect.db").write_bytes(b"")
+    undo = _read_only(home)
+    try:
+        env = cli_env(home)
+        help_ = run_stage1(["--help"], env, tmp_path, timeout=120)
+        assert help_.returncode == 0 and b"usage: stage1" in help_.stdout, help_.stderr[-2000:]
+        started = time.monotonic()
+        proc = run_stage1(["train", "--source", str(tiny_demo)], env, tmp_path, timeout=120)
+        out, err = text(proc)
+        assert proc.returncode == 2, out + err
+        assert f"stage1: error: {home}" in err and "is read-only" in err and "STAGE1_HOME" in err
+        assert "Traceback" not in out + err and err.count("\n") == 1
+        assert time.monotonic() - started < 60
+    finally:
+        undo()
+
+
+def _tmpfs(path: Path, size: str):
+    """Mount a small tmpfs at `path` (root only; skipped elsewhere). Returns the unmount function."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root and mount")
+    return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_home_is_one_clear_error_before_any_server_starts(tmp_path, tiny_demo):
+    home = tmp_path / "home"
+    undo = _tmpfs(home, "2m")
+    try:
+        with open(home / "filler", "wb") as fh:
+            with pytest.raises(OSError):
+                while True:
+                    fh.write(b"\0" * 65536)
+        proc = run_stage1(["train", "--source", str(tiny_demo)], cli_env(home), tmp_path, timeout=120)
+        out, err = text(proc)
+        assert proc.returncode == 2, out + err
+        assert "stage1: error:" in err and str(home) in err and ("no space left" in err or "MB free" in err)
+        assert "Traceback" not in out + err and err.count("\n") == 1
+        assert not (home / "prefect" / "prefect.db").exists()
+    finally:
+        undo()
+
+
+def test_a_disk_that_fills_during_a_run_fails_it_cleanly_and_the_rerun_completes(tmp_path, tiny_demo):
+    home = tmp_path / "home"
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-full")))
+    env = cli_env(home)
+    undo = _tmpfs(home / "evaluations", "16k")  # metrics, plots and predictions land here: ENOSPC mid-run
+    try:
+        proc = run_stage1(["train", "--params", str(params)], env, tmp_path)
+        out, err = text(proc)
+    finally:
+        undo()
+    assert proc.returncode == 2, out[-3000:] + err[-3000:]
+    assert f"stage1: error: no space left on the device of {home}" in err
+    assert "Traceback" not in out + err
+    assert query(prefect_db(home), "select state_type from flow_run") == [("FAILED",)]
+    assert query(mlflow_db(home), "select status from runs") == [("FAILED",)]
+    again = run_stage1(["train", "--params", str(params)], env, tmp_path)
+    out, err = text(again)
+    assert again.returncode == 0, out[-3000:] + err[-3000:]
+    assert "features: 0 embedded now" in out  # nothing computed before the fault was lost
+
+
+def test_a_prefect_server_that_cannot_start_in_time_is_one_clear_line(tmp_path, tiny_demo):
+    """Row 8 (a loaded machine): the start-up timeout is lowered to 1 s so that the server cannot make it."""
+    proc = start_stage1(["train", "--source", str(tiny_demo)],
+                        cli_env(tmp_path / "home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"), tmp_path,
+                        tmp_path / "log")
+    code = proc.wait(timeout=300)
+    log = (tmp_path / "log").read_text(errors="replace")
+    assert code == 2, log
+    assert "stage1: error: the local Prefect server did not answer within 1 s" in log
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in log and "Traceback" not in log
+    wait_for(lambda: not session_processes(proc.pid), timeout=30, what="the server to be stopped")
+
+
+def test_conflicting_labels_are_all_reported_before_the_run_stops(tmp_path, tiny_demo):
+    images = sorted((tiny_demo / "roadwork").glob("*.jpg"))[:3]
+    rows = ["image_path,label"] + [f"{p},1" for p in sorted(tiny_demo.rglob("*.jpg"))]
+    rows += [f"{images[0]},0", f"{images[1]},0", f"{tmp_path / 'gone.jpg'},1"]  # two conflicts, one missing file
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    home = tmp_path / "home"
+    proc = run_stage1(["train", "--source", str(labels)], cli_env(home), tmp_path)
+    out, err = text(proc)
+    assert proc.returncode == 2, out[-3000:] + err[-3000:]
+    assert "Traceback" not in out + err
+    (line,) = [x for x in err.splitlines() if x.startswith("stage1:")]
+    assert "stage1: error: 2 label conflict(s), every one listed in " in line and str(images[0]) in line
+    (report,) = (home / "reports").glob("quarantine-*.json")
+    assert str(report) in line
+    entries = json.loads(report.read_text())["entries"]
+    conflicts = [e for e in entries if e["stage"] == "conflict"]
+    assert {e["locator"] for e in conflicts} == {str(images[0]), str(images[1])}
+    assert all(e["row"] and "label 0 here, label 1 at" in e["reason"] for e in conflicts)
+    assert [e["reason"] for e in entries if e["stage"] == "scan"] == ["missing file"]
+    assert query(prefect_db(home), "select state_type from flow_run") == [("FAILED",)]
+
+
+@pytest.fixture(scope="module")
+def predict_inputs(bundle_parts, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    good = Path(bundle_parts["image"])
+    folder = tmp / "folder"
+    for i in range(3):
+        write(folder / "sub" / f"img{i}.jpg", good.read_bytes())
+    (tmp / "empty-folder").mkdir()
+    return {"good": good, "empty": write(tmp / "empty.jpg", b""),
+            "bomb": write(tmp / "bomb.png", png_claiming(20000, 20000)), "folder": folder,
+            "empty_folder": tmp / "empty-folder", "tmp": tmp}
+
+
+def test_predict_reports_each_bad_input_and_predicts_the_others(bundle_parts, predict_inputs):
+    i = predict_inputs
+    args = ["predict", str(bundle_parts["bundle"]), str(i["good"]), str(i["empty"]), str(i["folder"]), str(i["bomb"]),
+            str(i["empty_folder"]), str(i["good"])]
+    proc = run_stage1(args, cli_env(i["tmp"] / "home"), i["tmp"], timeout=300)
+    out, err = text(proc)
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in out + err
+    lines = [json.loads(x) for x in out.splitlines()]
+    by_image = {}
+    for line in lines:
+        by_image.setdefault(line["image"], []).append(line)
+    assert len(by_image[str(i["good"])]) == 2 and all("p_roadwork" in r for r in by_image[str(i["good"])])
+    assert [r["image"] for r in lines if "p_roadwork" in r].count(str(i["good"])) == 2
+    assert sorted(k for k in by_image if "folder/sub" in k) == [str(i["folder"] / "sub" / f"img{n}.jpg")
+                                                                 for n in range(3)]
+    assert "empty input (0 bytes)" in by_image[str(i["empty"])][0]["error"]
+    assert "too large" in by_image[str(i["bomb"])][0]["error"]
+    assert "no images" in by_image[str(i["empty_folder"])][0]["error"]
+    for bad in ("empty", "bomb", "empty_folder"):
+        assert f"stage1: {i[bad]}: " in err
+    assert "stage1: 3 of 8 inputs could not be predicted" in err
+    # one line per input, in the order given (a directory in place of its images)
+    expected = [str(i["good"]), str(i["empty"])] + [str(i["folder"] / "sub" / f"img{n}.jpg") for n in range(3)] + [
+        str(i["bomb"]), str(i["empty_folder"]), str(i["good"])]
+    assert [r["image"] for r in lines] == expected
+
+
+def test_predict_reads_a_list_or_an_image_from_stdin(bundle_parts, predict_inputs):
+    i = predict_inputs
+    env = cli_env(i["tmp"] / "home")
+    listed = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=300,
+                        stdin=f"{i['good']}\n{i['empty']}\n".encode())
+    out, err = text(listed)
+    assert listed.returncode == 1 and "Traceback" not in out + err
+    assert [json.loads(x)["image"] for x in out.splitlines()] == [str(i["good"]), str(i["empty"])]
+    image = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=300,
+                       stdin=i["good"].read_bytes())
+    out, err = text(image)
+    assert image.returncode == 0, err
+    (result,) = [json.loads(x) for x in out.splitlines()]
+    assert result["image"] == "-" and 0.0 <= result["p_roadwork"] <= 1.0
+
+
+def test_predict_on_a_directory_does_not_raise_is_a_directory(bundle_parts):
+    """The Predictor itself names the path and says why, for a directory as for a bad file."""
+    predictor = load_bundle(bundle_parts["bundle"], device="cpu")
+    with pytest.raises(ImageDecodeError, match=rf"^{bundle_parts['root']}: cannot read the file"):
+        predictor.predict([bundle_parts["root"]])
+    results = predictor.predict([bundle_parts["root"], bundle_parts["image"]], errors="report")
+    assert "cannot read the file" in results[0]["error"] and "p_roadwork" in results[1]
+
+
+def _forge_threshold(bundle: Path, threshold: float) -> None:
+    """Edit the decision threshold and re-hash everything, fingerprint included: a consistent forgery."""
+    doc = json.loads((bundle / "thresholds.json").read_text())
+    doc["threshold"] = threshold
+    (bundle / "thresholds.json").write_text(json.dumps(doc))
+    _resign(bundle)
+
+
+def test_a_rehashed_forgery_fails_against_the_registered_fingerprint(bundle_parts, tmp_path):
+    registered = read_manifest(bundle_parts["bundle"])["fingerprint"]
+    forged = _copy_bundle(bundle_parts, tmp_path)
+    _forge_threshold(forged, 0.0)
+    load_bundle(forged, device="cpu")  # integrity alone cannot tell: every hash matches
+    with pytest.raises(BundleError, match="is not the registered .*changed after registration"):
+        load_bundle(forged, device="cpu", expected_fingerprint=registered)
+    load_bundle(bundle_parts["bundle"], device="cpu", expected_fingerprint=registered)
+
+
+def test_a_signed_bundle_loads_and_a_forged_or_unsigned_one_does_not(bundle_parts, tmp_path, monkeypatch):
+    from stage1core.signing import generate_keypair, sign_manifest
+
+    key, pub = generate_keypair(tmp_path / "keys")
+    other_key, _ = generate_keypair(tmp_path / "other", name="other")
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    signed = _copy_bundle(bundle_parts, tmp_path)
+    sign_manifest(signed, key)
+    monkeypatch.setenv("STAGE1_BUNDLE_PUBLIC_KEY", str(pub))
+    load_bundle(signed, device="cpu")  # the signature is not a listed file, and verifies
+    with pytest.raises(BundleError, match="not signed"):
+        load_bundle(bundle_parts["bundle"], device="cpu")
+    _forge_threshold(signed, 0.0)
+    with pytest.raises(BundleError, match="does not verify"):
+        load_bundle(signed, device="cpu")
+    sign_manifest(signed, other_key)  # re-signed, but not with the team's key
+    with pytest.raises(BundleError, match="does not verify"):
+        load_bundle(signed, device="cpu")
+
+
+def test_export_signs_with_the_team_key(bundle_parts, tmp_path, monkeypatch):
+    from stage1core.signing import generate_keypair, verify_manifest
+
+    key, pub = generate_keypair(tmp_path / "keys")
+    info = export_bundle(tmp_path / "bundles", **bundle_parts["kwargs"], signing_key=key)
+    verify_manifest(info.path, pub)
+    assert read_manifest(info.path)["fingerprint"] == read_manifest(bundle_parts["bundle"])["fingerprint"]
