@@ -981,6 +981,7 @@ def fresh_home_runs(tiny_with_a_broken_image, tmp_path_factory):
     return {"home": home, "tmp": tmp, "marker": marker, "first": first, "second": second}
 
 
+@pytest.mark.slow
 def test_a_new_home_is_created_first_whatever_else_is_set(fresh_home_runs):
     out, err = text(fresh_home_runs["first"])
     assert fresh_home_runs["first"].returncode == 0, out[-3000:] + err[-5000:]
@@ -990,11 +991,13 @@ def test_a_new_home_is_created_first_whatever_else_is_set(fresh_home_runs):
     assert "model version: stage1-faults v1 (alias @challenger)" in out
 
 
+@pytest.mark.slow
 def test_no_child_process_imports_from_the_working_directory(fresh_home_runs):
     assert fresh_home_runs["first"].returncode == 0
     assert not fresh_home_runs["marker"].exists(), "a process imported inspect.py from the working directory"
 
 
+@pytest.mark.slow
 def test_the_run_reports_its_quarantine_in_the_summary_prefect_and_mlflow(fresh_home_runs):
     from mlflow.tracking import MlflowClient
 
@@ -1018,6 +1021,7 @@ def test_the_run_reports_its_quarantine_in_the_summary_prefect_and_mlflow(fresh_
     assert line2.rsplit(" listed in ", 1)[1] != str(report)
 
 
+@pytest.mark.slow
 def test_a_fully_cached_rerun_says_nothing_was_embedded(fresh_home_runs):
     out, err = text(fresh_home_runs["second"])
     assert fresh_home_runs["second"].returncode == 0, err[-3000:]
@@ -1061,6 +1065,7 @@ def hung_server():
     server.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "PREFECT_API_URL"])
 def test_a_server_that_accepts_and_never_answers_is_named_within_a_minute(setting, hung_server, tmp_path, tiny_demo):
     url = f"http://127.0.0.1:{hung_server.port}" + ("/api" if setting == "PREFECT_API_URL" else "")
@@ -1087,6 +1092,7 @@ def keep_mlflow_tracking_uri():
     mlflow.set_tracking_uri(saved)
 
 
+@pytest.mark.slow
 def test_closing_a_run_on_a_server_that_stopped_answering_is_bounded(hung_server, monkeypatch,
                                                                     keep_mlflow_tracking_uri):
     """The flow's failure path ends its MLflow run with a short deadline: a hung server cannot hold the exit."""
@@ -1131,6 +1137,7 @@ def _in_flight(home: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
@@ -1149,7 +1156,7 @@ def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_de
     assert code == 128 + signal.SIGTERM, log[-4000:]
     assert "stage1: stopped by SIGTERM" in log and "Traceback" not in log
     assert stopped_in < 30
-    wait_for(lambda: not session_processes(proc.pid), timeout=30, what="the local Prefect server to exit")
+    wait_for(lambda: not session_processes(proc.pid), timeout=120, what="the local Prefect server to exit")
     status = query(mlflow_db(home), "select status from runs where run_uuid = ?", entry["mlflow_run_id"])
     assert status == [("KILLED",)]
     states = query(prefect_db(home), "select state_type from flow_run where name is not null")
@@ -1157,6 +1164,7 @@ def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_de
     assert not _in_flight(home)
 
 
+@pytest.mark.slow
 def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun_completes_it(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
@@ -1169,7 +1177,7 @@ def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         # the local Prefect server (and anything else it started) dies with it
-        wait_for(lambda: not session_processes(proc.pid), timeout=30,
+        wait_for(lambda: not session_processes(proc.pid), timeout=120,
                  what=f"no orphan (left: {session_processes(proc.pid)})")
     finally:
         if proc.poll() is None:
@@ -1256,6 +1264,7 @@ def _first_mlflow_use(uri: str, home: str, ready, go, out) -> None:
         out.put(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow
 def test_concurrent_first_runs_set_up_the_mlflow_database_once(tmp_path):
     """Four processes open a fresh SQLite tracking store at the same instant (MLflow's migrations raced:
     alembic "Online migration expected to match one row", "duplicate column name")."""
@@ -1267,9 +1276,9 @@ def test_concurrent_first_runs_set_up_the_mlflow_database_once(tmp_path):
     for p in procs:
         p.start()
     for _ in procs:  # all imported: then they open the store at the same instant
-        ready.get(timeout=300)
+        ready.get(timeout=HANG_TIMEOUT_S)
     go.set()
-    results = [out.get(timeout=300) for _ in procs]
+    results = [out.get(timeout=HANG_TIMEOUT_S) for _ in procs]
     for p in procs:
         p.join(60)
     assert results == ["ok"] * 4, results
@@ -1298,10 +1307,10 @@ def test_a_read_only_home_is_one_clear_error_and_help_still_works(tmp_path, tiny
     undo = _read_only(home)
     try:
         env = cli_env(home)
-        help_ = run_stage1(["--help"], env, tmp_path, timeout=120)
+        help_ = run_stage1(["--help"], env, tmp_path, timeout=HANG_TIMEOUT_S)
         assert help_.returncode == 0 and b"usage: stage1" in help_.stdout, help_.stderr[-2000:]
         started = time.monotonic()
-        proc = run_stage1(["train", "--source", str(tiny_demo)], env, tmp_path, timeout=120)
+        proc = run_stage1(["train", "--source", str(tiny_demo)], env, tmp_path, timeout=HANG_TIMEOUT_S)
         out, err = text(proc)
         assert proc.returncode == 2, out + err
         assert f"stage1: error: {home}" in err and "is read-only" in err and "STAGE1_HOME" in err
@@ -1328,7 +1337,7 @@ def test_a_full_home_is_one_clear_error_before_any_server_starts(tmp_path, tiny_
             with pytest.raises(OSError):
                 while True:
                     fh.write(b"\0" * 65536)
-        proc = run_stage1(["train", "--source", str(tiny_demo)], cli_env(home), tmp_path, timeout=120)
+        proc = run_stage1(["train", "--source", str(tiny_demo)], cli_env(home), tmp_path, timeout=HANG_TIMEOUT_S)
         out, err = text(proc)
         assert proc.returncode == 2, out + err
         assert "stage1: error:" in err and str(home) in err and ("no space left" in err or "MB free" in err)
@@ -1338,6 +1347,7 @@ def test_a_full_home_is_one_clear_error_before_any_server_starts(tmp_path, tiny_
         undo()
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_run_fails_it_cleanly_and_the_rerun_completes(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
@@ -1360,19 +1370,21 @@ def test_a_disk_that_fills_during_a_run_fails_it_cleanly_and_the_rerun_completes
     assert "features: 0 embedded now" in out  # nothing computed before the fault was lost
 
 
+@pytest.mark.slow
 def test_a_prefect_server_that_cannot_start_in_time_is_one_clear_line(tmp_path, tiny_demo):
     """Row 8 (a loaded machine): the start-up timeout is lowered to 1 s so that the server cannot make it."""
     proc = start_stage1(["train", "--source", str(tiny_demo)],
                         cli_env(tmp_path / "home", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="1"), tmp_path,
                         tmp_path / "log")
-    code = proc.wait(timeout=300)
+    code = proc.wait(timeout=HANG_TIMEOUT_S)
     log = (tmp_path / "log").read_text(errors="replace")
     assert code == 2, log
     assert "stage1: error: the local Prefect server did not answer within 1 s" in log
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in log and "Traceback" not in log
-    wait_for(lambda: not session_processes(proc.pid), timeout=30, what="the server to be stopped")
+    wait_for(lambda: not session_processes(proc.pid), timeout=120, what="the server to be stopped")
 
 
+@pytest.mark.slow
 def test_conflicting_labels_are_all_reported_before_the_run_stops(tmp_path, tiny_demo):
     images = sorted((tiny_demo / "roadwork").glob("*.jpg"))[:3]
     rows = ["image_path,label"] + [f"{p},1" for p in sorted(tiny_demo.rglob("*.jpg"))]
@@ -1409,11 +1421,12 @@ def predict_inputs(bundle_parts, tmp_path_factory):
             "empty_folder": tmp / "empty-folder", "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_predict_reports_each_bad_input_and_predicts_the_others(bundle_parts, predict_inputs):
     i = predict_inputs
     args = ["predict", str(bundle_parts["bundle"]), str(i["good"]), str(i["empty"]), str(i["folder"]), str(i["bomb"]),
             str(i["empty_folder"]), str(i["good"])]
-    proc = run_stage1(args, cli_env(i["tmp"] / "home"), i["tmp"], timeout=300)
+    proc = run_stage1(args, cli_env(i["tmp"] / "home"), i["tmp"], timeout=HANG_TIMEOUT_S)
     out, err = text(proc)
     assert proc.returncode == 1, out + err
     assert "Traceback" not in out + err
@@ -1437,15 +1450,16 @@ def test_predict_reports_each_bad_input_and_predicts_the_others(bundle_parts, pr
     assert [r["image"] for r in lines] == expected
 
 
+@pytest.mark.slow
 def test_predict_reads_a_list_or_an_image_from_stdin(bundle_parts, predict_inputs):
     i = predict_inputs
     env = cli_env(i["tmp"] / "home")
-    listed = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=300,
+    listed = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=HANG_TIMEOUT_S,
                         stdin=f"{i['good']}\n{i['empty']}\n".encode())
     out, err = text(listed)
     assert listed.returncode == 1 and "Traceback" not in out + err
     assert [json.loads(x)["image"] for x in out.splitlines()] == [str(i["good"]), str(i["empty"])]
-    image = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=300,
+    image = run_stage1(["predict", str(bundle_parts["bundle"]), "-"], env, i["tmp"], timeout=HANG_TIMEOUT_S,
                        stdin=i["good"].read_bytes())
     out, err = text(image)
     assert image.returncode == 0, err
