@@ -21,7 +21,7 @@ from tasks.registry import (
     requester,
     set_champion,
 )
-from tasks.tracking import MODEL_NAME
+from tasks.settings import load_team_settings, metric_floor
 
 
 @flow(name="promote", log_prints=True)
@@ -29,14 +29,30 @@ def promote(
     version: str,
     reason: str,
     requested_by: str = "",
-    model_name: str = MODEL_NAME,
-    floor: MetricFloor = MetricFloor(),
+    model_name: str = "",
+    floor: MetricFloor | None = None,
     alias: str = CHAMPION,
+    settings_file: str = "",
 ) -> dict[str, Any]:
-    """Point `alias` (default `champion`) at `version`: a number, an alias (`challenger`) or
-    `models:/<name>/<version>`. `reason` and `requested_by` are recorded as version tags."""
+    """Point `alias` (default `champion`) at a registered version, after checking its bundle and floor.
+
+    Args:
+        version: A version number, an alias (`challenger`) or `models:/<name>/<version>`.
+        reason: Why (recorded on the version).
+        requested_by: Who asks (recorded); empty: $STAGE1_USER or the login name.
+        model_name: Registered model. Empty: the team settings'.
+        floor: Metric floor the version must meet. Empty: the team settings' promotion.floor, the one
+            `retrain` and `stage1 promote` use.
+        alias: Alias to move.
+        settings_file: Team settings file. Empty: $STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml, else
+            the built-in demo settings.
+    """
     if not reason.strip():
         raise ValueError("promote needs a reason (it is recorded on the model version)")
+    if not model_name or floor is None:
+        settings = load_team_settings(settings_file)
+        model_name = model_name or settings.model_name
+        floor = floor if floor is not None else metric_floor(settings)
     name, number, source_alias = parse_model_ref(version, model_name)
     mv = get_version(name, version=number, alias=source_alias)
     if mv is None:

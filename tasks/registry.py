@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from stage1core.bundle import BundleError, load_bundle, read_manifest
+from stage1core.config import describe_fields
 from stage1core.guarantees import GuaranteeConfig, fnr_threshold
 from stage1core.home import home_path
 from stage1core.metrics import binary_metrics
@@ -31,6 +32,7 @@ from stage1core.splits import read_split_manifest
 CHAMPION = "champion"
 
 
+@describe_fields
 @dataclass(frozen=True)
 class MetricFloor:
     """What any champion must reach on its own test split (from the bundle's metrics.json)."""
@@ -48,6 +50,7 @@ class MetricFloor:
             raise ValueError(f"MetricFloor.max_fnr must be in [0, 1] or null, got {self.max_fnr}")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class ComparisonConfig:
     """How `retrain` judges a challenger against the champion."""

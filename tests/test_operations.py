@@ -1,6 +1,7 @@
 """Operations flows on tiny data under the Prefect test server: retrain with champion/challenger
-promotion (first run, a refusal, a promotion), promote (rollback, floor and integrity refusals),
-evaluate-bundle; and the comparison statistics on their own."""
+promotion (first run, a refusal, a promotion) driven by team settings files and landed sources,
+promote (rollback, floor and integrity refusals), evaluate-bundle; the deployments, their forms and
+`stage1 ingest`; and the comparison statistics on their own."""
 
 from __future__ import annotations
 
@@ -32,26 +33,33 @@ MODEL = "stage1-ops-test"
 SPLITS = SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15)
 
 
-def params(*folders, **over):
-    from flows.train_pipeline import RegistryConfig
+def team_settings(*folders, **over):
+    """The team settings of these tests (a tiny random-init Eva on tiny data)."""
+    from stage1core.settings import TeamSettings
 
     base = {
-        "sources": [SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders],
+        "model_name": MODEL, "experiment": "ops-test",
+        "sources": tuple(SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders),
         "splits": SPLITS,
         "backbone": BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
                                    model_kwargs=dict(TINY_EVA), input_size=32),
         "features": FeatureConfig(batch_size=32, num_workers=0),
         "train": TrainConfig(epochs=4, batch_size=32),
         "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
-        "registry": RegistryConfig(experiment="ops-test", model_name=MODEL),
-        "comparison": ComparisonConfig(n_bootstrap=500),
+        "promotion": {"n_bootstrap": 500},
         # the champion/challenger rules are tested here; on ~18 test images of random-init features a
         # head and a baseline differ by several images by chance, so the baseline gate (tested in
         # test_a_head_that_loses_to_a_baseline_is_never_promoted) is set out of the way
         "baselines": BaselineConfig(margin=0.9),
     }
     base.update(over)
-    return base
+    return TeamSettings(**base)
+
+
+def settings_file(path, *folders, **over) -> str:
+    from stage1core.settings import write_settings
+
+    return str(write_settings(team_settings(*folders, **over), path, force=True))
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +73,28 @@ def new_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def history(prefect_server, tiny_demo, new_images):
-    """Three retrain runs: first ever (no champion), new data with an unreachable margin (refusal),
-    the same data again with a margin any challenger meets (promotion after comparison)."""
+def history(prefect_server, tiny_demo, new_images, tmp_path_factory):
+    """Three retrain runs from a team settings file that configures tiny_demo: first ever (no champion);
+    new images landed (as `stage1 ingest` announces them) with an unreachable margin (refusal); the
+    nightly run with no event and a margin any challenger meets (it still reads the landed images:
+    promotion after comparison)."""
     from flows.retrain import retrain
+    from stage1core.settings import landed_record
 
+    landed_record().unlink(missing_ok=True)
+    folder = tmp_path_factory.mktemp("settings")
     champions = []
 
-    def run(*folders, **over):
-        result = retrain(**params(*folders, **over))
+    def run(landed=None, **over):
+        path = settings_file(folder / "settings.toml", tiny_demo, **over)
+        result = retrain(landed=landed, settings_file=path, trigger="test")
         champions.append(str(mlflow_client().get_model_version_by_alias(MODEL, "champion").version))
         return result
 
-    first = run(tiny_demo)
-    refused = run(tiny_demo, new_images, comparison=ComparisonConfig(n_bootstrap=500, min_mcc_gain=2.0))
-    promoted = run(tiny_demo, new_images, comparison=ComparisonConfig(n_bootstrap=500, min_mcc_gain=-2.0))
+    first = run()
+    landed = [{"path": str(new_images), "name": "batch-2", "role": "all", "kind": "folder"}]  # the event's payload
+    refused = run(landed, promotion={"n_bootstrap": 500, "min_mcc_gain": 2.0})
+    promoted = run(promotion={"n_bootstrap": 500, "min_mcc_gain": -2.0})
     assert champions == ["1", "1", "2"]
     return first, refused, promoted
 
@@ -142,6 +157,24 @@ def test_new_data_is_embedded_incrementally_and_judged_on_a_superset_test_split(
     n_new = sum(len(v) for v in new.values())
     assert refused["report"]["n_embedded"] == refused["train"]["features"]["n_computed"] == n_new - n_old
     assert refused["report"]["comparison"]["n_test"] == len(new_test)
+
+
+def test_retrain_reads_the_configured_sources_plus_what_landed_and_keeps_reading_it(history, tiny_demo):
+    first, refused, promoted = history
+    assert first["sources"] == [tiny_demo.name]
+    assert refused["sources"] == [tiny_demo.name, "batch-2"]  # configured + landed (from the event)
+    assert promoted["sources"] == [tiny_demo.name, "batch-2"]  # the next run without an event remembers it
+    mc = mlflow_client()
+    run = mc.get_run(refused["train"]["mlflow_run_id"])
+    logged = json.loads(run.data.params["sources"])
+    assert [s["name"] for s in logged] == [tiny_demo.name, "batch-2"]
+    assert run.data.tags["settings.origin"].endswith("settings.toml")
+    version = mc.get_model_version(MODEL, promoted["challenger_version"])  # the last run that registered it
+    assert version.tags["settings.fingerprint"] == mc.get_run(promoted["train"]["mlflow_run_id"]).data.tags[
+        "settings.fingerprint"] != run.data.tags["settings.fingerprint"]
+    saved = mc.download_artifacts(refused["train"]["mlflow_run_id"], "settings/team_settings.json")
+    assert json.load(open(saved))["promotion"]["min_mcc_gain"] == 2.0
+    assert "team-settings" in artifacts_of(parent_run_id(refused))
 
 
 def test_refusal_keeps_the_champion_and_says_why(history):
@@ -290,14 +323,15 @@ def test_model_references():
 
 # deployments/prefect.yaml and `stage1 serve`
 
-def test_every_deployment_loads_and_its_parameters_fit_the_flow():
+def test_every_deployment_loads_and_its_parameters_fit_the_flow(tmp_path, monkeypatch):
     import inspect
 
     from prefect.flows import load_flow_from_entrypoint
 
-    from deployments.serve import WORK_POOLS, deployment_specs
+    from deployments.serve import WORK_POOLS, load_project, rendered_specs
 
-    specs = {s["name"]: s for s in deployment_specs()}
+    monkeypatch.setenv("STAGE1_SETTINGS", settings_file(tmp_path / "team.toml", tmp_path / "natix"))
+    specs = {s["name"]: s for s in rendered_specs()}  # what `prefect deploy` and `stage1 serve` register
     assert set(specs) == {"train-pipeline", "retrain", "promote", "evaluate-bundle"}
     for name, spec in specs.items():
         flow = load_flow_from_entrypoint(spec["entrypoint"])
@@ -306,16 +340,29 @@ def test_every_deployment_loads_and_its_parameters_fit_the_flow():
         assert set(params) <= set(inspect.signature(flow.fn).parameters), name
         required_at_run = {"promote": {"version": "3", "reason": "reviewed in MLflow"}}.get(name, {})
         validated = flow.validate_parameters({**params, **required_at_run})  # what Prefect does at run start
-        if name == "retrain":
-            assert isinstance(validated["comparison"], ComparisonConfig)
-            assert validated["comparison"].floor == MetricFloor(min_mcc=0.5, min_auroc=0.8)
-            assert validated["sources"][0].kind == "parquet"
+        if name == "train-pipeline":  # the form opens with the team settings
+            assert validated["sources"][0].path == str(tmp_path / "natix")
+            assert validated["backbone"].model_kwargs == TINY_EVA and validated["registry"].model_name == MODEL
         assert spec["work_pool"]["name"] in WORK_POOLS and "stage1" in spec["tags"]
-        if "gpu" in spec["tags"]:
-            jobs = spec["work_pool"]["job_variables"]
-            assert spec["work_pool"]["name"] == "gpu" and WORK_POOLS["gpu"] == "docker"
-            assert jobs["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
-    assert specs["promote"]["work_pool"]["name"] == "cpu" and WORK_POOLS["cpu"] == "process"
+        assert spec["work_pool"]["name"] == ("cpu" if name == "promote" else "gpu")
+    # no team values in prefect.yaml itself: retrain, promote and evaluate-bundle read the settings at run time
+    raw = {s["name"]: s for s in load_project()["deployments"]}
+    assert raw["retrain"]["parameters"] == {"trigger": "schedule"}
+    assert "floor" not in raw["promote"]["parameters"] and "sources" not in raw["evaluate-bundle"]["parameters"]
+    assert WORK_POOLS == {"cpu": "process", "gpu": "process"}
+
+
+def test_process_pools_get_this_hosts_state_tracking_and_settings(monkeypatch, tmp_path):
+    from deployments.serve import rendered_specs
+
+    monkeypatch.setenv("STAGE1_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:15000")
+    monkeypatch.setenv("STAGE1_SETTINGS", settings_file(tmp_path / "team.toml", tmp_path / "natix"))
+    for spec in rendered_specs():
+        # the docker job variables of the compose setup (docker/prefect.yaml) are nowhere here
+        assert spec["work_pool"]["job_variables"] == {"env": {
+            "STAGE1_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:15000",
+            "STAGE1_SETTINGS": str(tmp_path / "team.toml")}}, spec["name"]
 
 
 def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
@@ -329,20 +376,77 @@ def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
     (trigger,) = retrain.triggers
     assert isinstance(trigger, DeploymentEventTrigger) and trigger.expect == {"stage1.data.landed"}
     assert "{{ event.id }}" in trigger.parameters["trigger"]
+    # what landed reaches the run as structured parameters (a single expression keeps its JSON type)
+    assert trigger.parameters["landed"] == "{{ event.payload.landed }}"
     assert deployments["train-pipeline"].concurrency_limit == 1
     assert not deployments["promote"].schedules and not deployments["promote"].triggers
 
 
-def test_ingest_emits_the_data_landed_event(prefect_server, tiny_demo, monkeypatch, capsys):
+def test_ingest_emits_the_data_landed_event_with_what_landed(prefect_server, tiny_demo, monkeypatch, capsys):
     from deployments import cli
+    from flows.retrain import retrain
 
     sent = []
     import prefect.events
 
     real = prefect.events.emit_event
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw) or real(**kw))
-    assert cli.main(["ingest", str(tiny_demo), "--source-name", "natix", "--note", "batch 7"]) == 0
+    assert cli.main(["ingest", str(tiny_demo), "--source-name", "natix", "--note", "batch 7",
+                     "--role", "train_only"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["event"] == "stage1.data.landed" and out["resource"] == "stage1.source.natix"
-    assert out["n_files"] >= 120 and sent[0]["payload"]["note"] == "batch 7"
+    # 120 images: labels.csv and demo.json beside them are not counted
+    assert out["n_images"] == 120 and sent[0]["payload"]["n_images"] == 120
+    assert sent[0]["payload"]["note"] == "batch 7"
+    landed = sent[0]["payload"]["landed"]
+    assert landed == [{"path": str(tiny_demo), "name": "natix", "role": "train_only", "kind": "folder"}]
+    (source,) = retrain.validate_parameters({"landed": landed})["landed"]  # the trigger hands it over as is
+    assert isinstance(source, SourceConfig) and source.role == "train_only" and source.name == "natix"
     assert cli.main(["ingest", str(tiny_demo / "missing")]) == 2
+    assert cli.main(["ingest", str(tiny_demo / "roadwork")]) == 2  # not a source layout: said now, not at 02:00
+    assert "nothing was announced" in capsys.readouterr().err
+
+
+# the run forms: small where it matters, every field described, closed sets as enums
+
+def _schema(flow):
+    from prefect.utilities.callables import parameter_schema
+
+    return parameter_schema(flow.fn).model_dump()
+
+
+def test_the_retrain_form_holds_only_what_changes_per_run():
+    from flows.retrain import retrain
+
+    schema = _schema(retrain)
+    assert list(schema["properties"]) == ["landed", "auto_promote", "settings_file", "trigger"]
+    assert all(p.get("description") for p in schema["properties"].values())
+    assert set(schema["definitions"]) == {"SourceConfig"}
+
+
+def test_every_form_field_has_a_description_and_closed_sets_are_enums():
+    from flows.evaluate_bundle import evaluate_bundle
+    from flows.promote import promote
+    from flows.retrain import retrain
+    from flows.train_pipeline import train_pipeline
+
+    missing = []
+    for flow in (train_pipeline, retrain, promote, evaluate_bundle):
+        schema = _schema(flow)
+        missing += [f"{flow.name}.{k}" for k, v in schema["properties"].items() if not v.get("description")]
+        for name, definition in schema["definitions"].items():
+            missing += [f"{name}.{k}" for k, v in definition["properties"].items() if not v.get("description")]
+    assert missing == []
+    defs = _schema(train_pipeline)["definitions"]
+
+    def enum(cls, field):
+        prop = defs[cls]["properties"][field]
+        return prop.get("enum") or next(p["enum"] for p in prop.get("anyOf", []) if "enum" in p)
+
+    assert enum("SourceConfig", "kind") == ["auto", "folder", "csv", "json", "parquet"]
+    assert enum("SourceConfig", "role") == ["all", "train_only"]
+    assert enum("BackboneConfig", "weights") == ["pretrained", "random", "efficientnet-lite0-package", "file"]
+    assert enum("FinetuneConfig", "precision") == ["fp32", "bf16"]
+    assert enum("FinetuneConfig", "optimizer") == ["fsam", "adamw"]
+    assert enum("AdapterConfig", "method") == ["lora", "dora"]
+    assert _schema(evaluate_bundle)["properties"]["split"]["enum"] == ["test", "calib", "val", "train", "all"]
