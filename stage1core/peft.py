@@ -25,10 +25,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from .config import describe_fields
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,11 @@ ADAPTER_METHODS = ("lora", "dora")
 _SWIGLU_FC1 = ("mlp.fc1_g", "mlp.fc1_x")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: str = "dora"  # "lora", or "dora" (weight-decomposed LoRA: a learned magnitude per output)
+    # lora, or dora (weight-decomposed LoRA: a learned magnitude per output)
+    method: Literal["lora", "dora"] = "dora"
     rank: int = 8  # rank r of the low-rank update B @ A
     alpha: int = 16  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input (the frozen path sees none)
