@@ -26,35 +26,44 @@ from tasks.servers import ServerUnreachable, check_server
 
 configure_environment()  # environment only: no file is touched before the command is known
 
+ENVIRONMENT = """\
+environment:
+  STAGE1_HOME          where all state lives: demo data, feature store, bundles, the embedded Prefect
+                       and MLflow stores, the team settings file (default ~/.stage1)
+  STAGE1_SETTINGS      the team settings file (default $STAGE1_HOME/settings.toml; without one, the
+                       built-in demo settings apply); see `stage1 settings --help`
+  PREFECT_API_URL      a Prefect server, e.g. http://127.0.0.1:4200/api (unset: an ephemeral server
+                       with SQLite under $STAGE1_HOME/prefect, started per command)
+  MLFLOW_TRACKING_URI  an MLflow server, e.g. http://127.0.0.1:5000 (unset: SQLite under
+                       $STAGE1_HOME/mlflow)
+  STAGE1_USER          who `promote` records as the requester (default: the login name)
+  HF_HOME, HF_HUB_CACHE  an offline Hugging Face cache holding DINOv3 weights (HF_HUB_OFFLINE=1 is set)
+
+`stage1 info` prints what is in force. docs/operations.md walks a team through a full install.
+"""
+
 
 def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dict:
-    """train_pipeline parameters for the embedded default: demo data + EfficientNet-Lite0.
+    """train_pipeline parameters for the embedded default: the built-in demo settings
+    (stage1core.settings.demo_settings: demo data + EfficientNet-Lite0)."""
+    from dataclasses import replace
 
-    The demo's 1,200 images give about 120 calib positives, fewer than the 149 that the product
-    default (alpha=0.02, delta=0.05) needs, so the demo asks for alpha=0.05 with a larger calib split.
-    """
     from flows.train_pipeline import RegistryConfig
-    from stage1core.backbone import DEMO_PACKAGE_WEIGHTS, RANDOM_WEIGHTS, BackboneConfig
-    from stage1core.features import FeatureConfig
-    from stage1core.guarantees import GuaranteeConfig
-    from stage1core.heads import HeadConfig
-    from stage1core.policy import PolicyConfig
-    from stage1core.splits import SplitConfig
-    from stage1core.train import TrainConfig
+    from stage1core.backbone import RANDOM_WEIGHTS
+    from stage1core.settings import demo_settings
 
+    settings = demo_settings()
     return {
         "sources": None,
-        "splits": SplitConfig(train=0.55, val=0.10, calib=0.20, test=0.15),
-        "backbone": BackboneConfig(name="tf_efficientnet_lite0", pooling="avg",
-                                   weights=RANDOM_WEIGHTS if baseline else DEMO_PACKAGE_WEIGHTS),
-        "features": FeatureConfig(batch_size=32, num_workers=2),
-        "train": TrainConfig(),
-        "guarantee": GuaranteeConfig(alpha=0.05, delta=0.05),
+        "splits": settings.splits,
+        "backbone": replace(settings.backbone, weights=RANDOM_WEIGHTS) if baseline else settings.backbone,
+        "features": settings.features,
+        "train": settings.train,
+        "guarantee": settings.guarantee,
         # head kind auto: the head grid (linear and MLP) for the threshold policy, the selective head for
-        # gate and scrc; SCRC-I's joint (coverage, selective FNR) certificate is asked at a level ~230
-        # calib images can support
-        "head": HeadConfig(kind="auto"),
-        "policy": PolicyConfig(policy=policy, scrc_alpha=0.1, scrc_delta=0.2, scrc_xi=0.5, scrc_grid_size=5),
+        # gate and scrc
+        "head": settings.head,
+        "policy": replace(settings.policy, policy=policy),
         "registry": RegistryConfig(register=not baseline and policy == "threshold",
                                    bundle_name="demo-random-init" if baseline else (
                                        "stage1-roadwork" if policy == "threshold" else f"demo-{policy}")),
@@ -221,10 +230,14 @@ def _bundle_for_prediction(ref: str) -> tuple[str, str | None]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run train_pipeline with parameters from a JSON file (the same shape as the Prefect form)."""
+    """Run train_pipeline with the team settings, overridden by a JSON file (the Prefect form's shape)."""
+    from deployments.steps import train_pipeline_parameters
     from flows.train_pipeline import train_pipeline
+    from stage1core.settings import load_settings
 
-    params = json.loads(Path(args.params).read_text()) if args.params else {}
+    params = train_pipeline_parameters(load_settings())
+    if args.params:
+        params.update(json.loads(Path(args.params).read_text()))
     if args.source:
         params["sources"] = [_source_arg(s) for s in args.source]
     result = train_pipeline(**params)
@@ -237,13 +250,27 @@ def _source_arg(text: str) -> dict:
     return {"path": path, "role": "train_only" if _ else "all"}
 
 
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    from stage1core.settings import landed_record, load_settings, settings_path
+
+    tracking = os.environ["MLFLOW_TRACKING_URI"]
+    settings = load_settings()
     print(json.dumps({
         "STAGE1_HOME": str(stage1_home()),
         "PREFECT_HOME": os.environ["PREFECT_HOME"],
         "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "(ephemeral server under PREFECT_HOME)"),
-        "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
-        "mlflow_artifacts": mlflow_artifact_root(),
+        "MLFLOW_TRACKING_URI": tracking,
+        # a tracking server stores artifacts where it was told to (--artifacts-destination), not here
+        "mlflow_artifacts": (f"(kept by the MLflow server at {tracking})" if _is_server(tracking)
+                             else mlflow_artifact_root()),
+        "settings": settings.origin,
+        "settings_file": str(settings_path()[0]),
+        "settings_fingerprint": settings.fingerprint,
+        "landed_sources_record": str(landed_record()),
         "bundles": str(home_path("bundles")),
         "features": str(home_path("features")),
     }, indent=2))
@@ -251,11 +278,33 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    tracking = os.environ["MLFLOW_TRACKING_URI"]
+    if args.which == "mlflow" and _is_server(tracking):
+        # the server is the UI: a second, local UI cannot open a server's stores
+        print(f"MLFLOW_TRACKING_URI={tracking} is an MLflow server, and the server is the UI: open {tracking} "
+              "in a browser. (`stage1 ui mlflow` starts a local UI only for a local store: unset "
+              "MLFLOW_TRACKING_URI or point it at sqlite:///...)")
+        return 0
     if args.which == "mlflow":
-        cmd = [_exe("mlflow"), "ui", "--backend-store-uri", os.environ["MLFLOW_TRACKING_URI"],
+        cmd = [_exe("mlflow"), "ui", "--backend-store-uri", tracking,
                "--default-artifact-root", mlflow_artifact_root(), "--host", args.host, "--port", str(args.port or 5000)]
     else:
-        cmd = [_exe("prefect"), "server", "start", "--host", args.host, "--port", str(args.port or 4200)]
+        api = os.environ.get("PREFECT_API_URL", "")
+        port = args.port or 4200
+        if api:
+            from urllib.parse import urlparse
+
+            try:
+                check_server(api, setting="PREFECT_API_URL", timeout_s=2.0)
+                print(f"PREFECT_API_URL={api} is a running Prefect server, and the server is the UI: open "
+                      f"{api.rstrip('/').removesuffix('/api')} in a browser.")
+                return 0
+            except ServerUnreachable:
+                where = urlparse(api)
+                if where.hostname not in ("127.0.0.1", "localhost"):
+                    raise
+                port = where.port or port  # not running yet: start it where the setting says it is
+        cmd = [_exe("prefect"), "server", "start", "--host", args.host, "--port", str(port)]
     print("running:", " ".join(cmd))
     os.execvpe(cmd[0], cmd, os.environ)
     return 0
@@ -266,35 +315,45 @@ def _exe(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".parquet", ".csv", ".json")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the deployments of deployments/prefect.yaml from this process (no worker needed)."""
-    from deployments.serve import build_deployments, ensure_infrastructure, serve_all
+    from deployments.serve import deployment_specs, ensure_infrastructure, serve_all
 
     if args.setup_only:
         print(json.dumps(ensure_infrastructure(), indent=2))
         return 0
-    names = [d.name for d in build_deployments(args.deployment or None)]
-    print(f"serving {', '.join(names)} (Prefect API: {os.environ.get('PREFECT_API_URL', 'ephemeral')}); Ctrl-C stops")
+    names = [s["name"] for s in deployment_specs() if not args.deployment or s["name"] in args.deployment]
+    print(f"serving {', '.join(names)} (Prefect API: {os.environ.get('PREFECT_API_URL', 'ephemeral')}); Ctrl-C "
+          "or SIGTERM stops serving and leaves the deployments and schedules active")
     serve_all(args.deployment or None, limit=args.limit)
     return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    """Announce that new images landed in a source: emits `stage1.data.landed`, which triggers `retrain`."""
-    from prefect.events import emit_event
+    """Announce that new images landed in a source: emits `stage1.data.landed`, which triggers `retrain`
+    on the team's sources plus this one."""
+    from stage1core.sources import DataError, SourceConfig, count_images
 
     path = Path(args.path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such source; ingest announces files that are already in place")
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
     name = args.source_name or path.name
+    source = SourceConfig(path=str(path), kind=args.kind, role=args.role, name=name)
+    try:
+        counted = count_images(source)  # checks the layout now, not at 02:00 in the retrain run
+    except DataError as exc:
+        raise ValueError(f"{exc} (nothing was announced)") from exc
+    if counted["n_images"] == 0:
+        raise ValueError(f"{path}: no labelled images found ({counted['kind']} source); nothing was announced")
+    landed = {"path": str(path), "name": name, "role": args.role, "kind": counted["kind"]}
+
+    from prefect.events import emit_event
+
     event = emit_event(
         event="stage1.data.landed",
         resource={"prefect.resource.id": f"stage1.source.{name}", "prefect.resource.name": name},
-        payload={"path": str(path), "n_files": len(files), "note": args.note or ""},
+        payload={"landed": [landed], "path": str(path), "n_images": counted["n_images"],
+                 "n_roadwork": counted["n_roadwork"], "note": args.note or ""},
     )
     if event is None:
         print("stage1: events are disabled in this Prefect configuration; nothing was emitted", file=sys.stderr)
@@ -303,16 +362,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     EventsWorker.drain_all(timeout=30)  # send before the process exits
     print(json.dumps({"event": event.event, "id": str(event.id), "resource": event.resource.id,
-                      "n_files": len(files)}))
+                      "landed": landed, "n_images": counted["n_images"], "n_roadwork": counted["n_roadwork"]}))
     return 0
 
 
-def _floor_arg(args: argparse.Namespace):
-    """The floor of stage1core.comparison.MetricFloor, with only the flags given replaced."""
-    from stage1core.comparison import MetricFloor
+def _team_promotion(args: argparse.Namespace) -> tuple[str, object]:
+    """The model and floor a promotion by hand uses: the team settings' (the floor retrain and the
+    promote deployment use: stage1core.comparison.MetricFloor where the settings leave it), with only
+    the flags given replaced."""
+    from dataclasses import replace
 
+    from stage1core.settings import load_settings, metric_floor
+
+    settings = load_settings()
     given = {"min_mcc": args.min_mcc, "min_auroc": args.min_auroc}
-    return MetricFloor(**{k: v for k, v in given.items() if v is not None})
+    floor = replace(metric_floor(settings), **{k: v for k, v in given.items() if v is not None})
+    return args.model or settings.model_name, floor
 
 
 def _print_move(result: dict) -> None:
@@ -326,8 +391,9 @@ def _print_move(result: dict) -> None:
 def cmd_promote(args: argparse.Namespace) -> int:
     from flows.promote import promote
 
+    model_name, floor = _team_promotion(args)
     result = promote(version=args.version, reason=args.reason, requested_by=args.by or "",
-                     model_name=args.model, floor=_floor_arg(args))
+                     model_name=model_name, floor=floor)
     _print_move(result)
     return 0
 
@@ -336,24 +402,27 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from flows.promote import promote
     from tasks.registry import find_rollback_target
 
+    model_name, floor = _team_promotion(args)
     target = args.to
     if not target:  # found here too, so that "nothing to roll back to" is one line, not a failed flow run
-        target, why = find_rollback_target(args.model)
+        target, why = find_rollback_target(model_name)
         print(f"rolling back to v{target}: {why}")
     result = promote(version=target, reason=args.reason, requested_by=args.by or "",
-                     model_name=args.model, floor=_floor_arg(args), rollback=True)
+                     model_name=model_name, floor=floor, rollback=True)
     _print_move(result)
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
     from stage1core.history import history_text
+    from stage1core.settings import load_settings
     from tasks.registry import read_history
 
-    entries = read_history(args.model)
+    model_name = args.model or load_settings().model_name
+    entries = read_history(model_name)
     if args.limit:
         entries = entries[-args.limit:]
-    print(json.dumps(entries, indent=2) if args.json else history_text(args.model, entries))
+    print(json.dumps(entries, indent=2) if args.json else history_text(model_name, entries))
     return 0
 
 
@@ -361,7 +430,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate_bundle import evaluate_bundle
 
     sources = [_source_arg(s) for s in args.source] if args.source else None
-    result = evaluate_bundle(model=args.model, sources=sources, split=args.split, model_name=args.model_name)
+    result = evaluate_bundle(model=args.model, sources=sources, split=args.split, model_name=args.model_name or "")
     print(json.dumps({k: v for k, v in result["metrics"].items()}, indent=2))
     return 0
 
@@ -413,10 +482,11 @@ def check_servers(command: str, *, timeout_s: float = 3.0) -> None:
 
 # commands that run flows and so need a Prefect API: without PREFECT_API_URL, stage1 starts a local
 # server (deployments/local_server.py) while the modules below are imported
-PREFECT_COMMANDS = {"demo", "train", "promote", "evaluate", "serve", "ingest"}
+PREFECT_COMMANDS = {"demo", "train", "promote", "rollback", "evaluate", "serve", "ingest"}
 COMMAND_MODULES = {
     "demo": ("flows.train_pipeline",), "train": ("flows.train_pipeline",), "promote": ("flows.promote",),
-    "evaluate": ("flows.evaluate_bundle",), "serve": ("deployments.serve",), "ingest": ("prefect.events",),
+    "rollback": ("flows.promote",), "evaluate": ("flows.evaluate_bundle",), "serve": ("deployments.serve",),
+    "ingest": ("prefect.events",),
 }
 # commands that never write to $STAGE1_HOME (`predict models:/...` prepares it when it fetches)
 HOME_FREE = {"info", "predict", "keygen", "sign"}
@@ -587,103 +657,234 @@ def run_command(args: argparse.Namespace) -> int:
             pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stage1", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_settings(args: argparse.Namespace) -> int:
+    from stage1core.settings import (
+        demo_settings,
+        landed_sources,
+        load_settings,
+        settings_path,
+        settings_toml,
+        write_settings,
+    )
 
-    p = sub.add_parser("demo", help="generate the demo data if absent and run train-pipeline on it")
+    if args.action == "show":
+        settings = load_settings()
+        if args.toml:
+            print(settings_toml(settings), end="")
+            return 0
+        print(json.dumps({"origin": settings.origin, "fingerprint": settings.fingerprint,
+                          "settings": settings.to_json(),
+                          "landed_sources": [s.path for s in landed_sources()]}, indent=2))
+        return 0
+    # init: the demo settings, or the product defaults, with the flags applied
+    from dataclasses import replace
+
+    from stage1core.settings import TeamSettings
+    from tasks.settings import default_tables
+
+    settings = demo_settings() if args.preset == "demo" else TeamSettings()
+    tables, notes = default_tables()
+    settings = replace(settings, **tables)
+    if args.source:
+        settings = replace(settings, sources=tuple(_init_source(text) for text in args.source))
+    backbone = settings.backbone
+    if args.backbone:
+        backbone = replace(backbone, name=args.backbone)
+    if args.weights:
+        backbone = replace(backbone, weights=args.weights, weights_file="")
+    if args.pooling:
+        backbone = replace(backbone, pooling=args.pooling)
+    settings = replace(settings, backbone=backbone, model_name=args.model_name or settings.model_name)
+    out = Path(args.out) if args.out else settings_path()[0]
+    written = write_settings(settings, out, force=args.force, notes=notes)
+    load_settings(written)  # what was written reads back
+    print(f"team settings written to {written}")
+    _report_sources(settings.sources)
+    if not settings.sources:
+        print("  no sources: runs use the procedural demo data; add [[sources]] or pass --source")
+    if out != settings_path()[0]:
+        print(f"point stage1 at it: export STAGE1_SETTINGS={written}")
+    return 0
+
+
+def _report_sources(sources) -> None:
+    """Count each source's images now, so a wrong path or layout shows at setup, not in the nightly run."""
+    from stage1core.sources import DataError, count_images
+
+    for source in sources:
+        try:
+            counted = count_images(source)
+            print(f"  source {source.name}: {counted['n_images']} images ({counted['n_roadwork']} roadwork), "
+                  f"{counted['kind']}, role {source.role}")
+        except DataError as exc:
+            print(f"  warning: {exc} (fine if the path exists only on the workers)")
+
+
+def _init_source(text: str):
+    """PATH[:name=NAME][:role=train_only][:kind=KIND] -> SourceConfig."""
+    from stage1core.sources import SourceConfig
+
+    path, *options = text.split(":")
+    values = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in ("name", "role", "kind") or not value:
+            raise ValueError(f"--source {text!r}: options are name=..., role=all|train_only, kind=folder|csv|"
+                             "json|parquet|auto, separated by ':'")
+        values[key] = value
+    return SourceConfig(path=str(Path(path).expanduser().absolute()), **values)
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks; appends a flag's default to its help unless the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stage1", formatter_class=_Help, epilog=ENVIRONMENT,
+        description="stage1 trains, calibrates, registers and serves a roadwork / no-roadwork image "
+                    "classifier\n(frozen DINOv3 or EfficientNet-Lite0 features, heads, an FNR-guaranteed "
+                    "threshold), as Prefect flows\ntracked in MLflow. `stage1 demo` runs the whole pipeline "
+                    "offline on procedural data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str, fn, description: str = "") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help, formatter_class=_Help,
+                           epilog=ENVIRONMENT)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("demo", "generate the demo data if absent and run train-pipeline on it (the built-in demo settings)",
+            cmd_demo)
     p.add_argument("--baseline", action="store_true", help="also run with a random-init backbone and compare")
     p.add_argument("--policy", choices=["threshold", "gate", "scrc"], default="threshold",
                    help="decision policy; gate and scrc train the selective head (not registered)")
-    p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("demo-data", help="write the procedural demo dataset")
-    p.add_argument("--out", help="output folder (default $STAGE1_HOME/demo-data)")
-    p.add_argument("--n-images", type=int, default=1200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(fn=cmd_demo_data)
+    p = add("demo-data", "write the procedural demo dataset", cmd_demo_data)
+    p.add_argument("--out", help="output folder (default: $STAGE1_HOME/demo-data)")
+    p.add_argument("--n-images", type=int, default=1200, help="images to generate, both classes")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (the same seed gives the same images)")
+    p.add_argument("--force", action="store_true", help="write again even if the folder holds this dataset")
 
-    p = sub.add_parser("train", help="run train-pipeline with parameters from a JSON file")
-    p.add_argument("--params",
-                   help="JSON file: {sources, splits, backbone, features, head, train, guarantee, registry}")
-    p.add_argument("--source", action="append", help="a source path; append :train_only for extra training data")
-    p.set_defaults(fn=cmd_train)
+    p = add("train", "run train-pipeline once: the team settings, overridden by --params and --source", cmd_train)
+    p.add_argument("--params", help="JSON file of train_pipeline parameters that replace the team settings' "
+                                    "(keys: sources, splits, backbone, features, head, train, guarantee, "
+                                    "policy, registry, ...; the Prefect form's shape; default: none)")
+    p.add_argument("--source", action="append",
+                   help="a source path, repeatable, replacing the team's sources; append :train_only for extra "
+                        "training data")
 
-    p = sub.add_parser("predict", help="p(roadwork) and the decision for images, from a bundle")
-    p.add_argument("bundle")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--weights", help="backbone weights file, if not where the bundle expects it")
-    p.set_defaults(fn=cmd_predict)
+    p = add("predict", "p(roadwork) and the decision for images, from a bundle", cmd_predict)
+    p.add_argument("bundle", help="bundle directory (under $STAGE1_HOME/bundles, or fetched from MLflow)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP), folders (their images), or - to read "
+                   "a list of paths, or one image, from stdin")
+    p.add_argument("--weights", help="backbone weights file, if not where the bundle expects it "
+                                     "(default: the file the bundle names)")
 
-    p = sub.add_parser("info", help="where state lives")
-    p.set_defaults(fn=cmd_info)
+    add("info", "where state lives, which servers and which team settings are in force", cmd_info)
 
-    p = sub.add_parser("ui", help="open the MLflow or Prefect UI on this state")
-    p.add_argument("which", choices=["mlflow", "prefect"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int)
-    p.set_defaults(fn=cmd_ui)
+    p = add("settings", "the team settings file: sources, backbone, guarantee, splits, promotion rule",
+            cmd_settings, description=(
+                "The team settings: one TOML file ($STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml) read by\n"
+                "every deployment (retrain, promote and evaluate-bundle at every run; the train-pipeline\n"
+                "form's defaults at deploy time), the CLI and the nightly schedule. Without a file the\n"
+                "built-in demo settings apply."))
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("show", help="print the settings in force and where they come from",
+                           formatter_class=_Help)
+    q.add_argument("--toml", action="store_true", help="print them as a settings file instead of JSON")
+    q = actions.add_parser("init", help="write a settings file with every field and its description",
+                           formatter_class=_Help)
+    q.add_argument("--out", help="file to write (default: $STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml)")
+    q.add_argument("--preset", choices=["demo", "product"], default="demo",
+                   help="starting point: demo (procedural data, EfficientNet-Lite0 from the demo package, "
+                        "alpha 0.05) or product (DINOv3 ViT-S from the offline Hugging Face cache, alpha 0.02)")
+    q.add_argument("--source", action="append",
+                   help="a labelled source, repeatable: PATH[:name=NAME][:role=all|train_only][:kind=KIND] "
+                        "(default: none, i.e. the demo data)")
+    q.add_argument("--backbone", help="timm model name (default: the preset's)")
+    q.add_argument("--weights", help="pretrained, random, efficientnet-lite0-package or a weights file "
+                                     "(default: the preset's)")
+    q.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], help="feature pooling (default: the preset's)")
+    q.add_argument("--model-name", help="registered MLflow model (default: stage1-roadwork)")
+    q.add_argument("--force", action="store_true", help="replace an existing file")
 
-    p = sub.add_parser("serve", help="serve all deployments of deployments/prefect.yaml from this process")
+    p = add("ui", "open the MLflow or Prefect UI on this state (or say where the server's UI is)", cmd_ui)
+    p.add_argument("which", choices=["mlflow", "prefect"], help="which UI")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, help="port (default: 5000 for mlflow, 4200 for prefect)")
+
+    p = add("serve", "serve the deployments of deployments/prefect.yaml from this process (no workers)",
+            cmd_serve, description=(
+                "Serve the deployments of deployments/prefect.yaml from this process: schedules, the\n"
+                "stage1.data.landed trigger and form runs execute here. Stopping it (Ctrl-C, SIGTERM) leaves\n"
+                "the deployments and the nightly schedule active; runs due meanwhile wait until it is back.\n"
+                "Run it as a service with deployments/systemd/stage1-serve.service."))
     p.add_argument("deployment", nargs="*", help="deployment names (default: all)")
-    p.add_argument("--limit", type=int, help="max concurrent flow runs")
-    p.add_argument("--setup-only", action="store_true", help="create the work pools and the gpu limit, then exit")
-    p.set_defaults(fn=cmd_serve)
+    p.add_argument("--limit", type=int, help="most flow runs at a time (default: no limit; the training "
+                                             "deployments hold themselves to one)")
+    p.add_argument("--setup-only", action="store_true",
+                   help="create the process work pools cpu and gpu and the gpu concurrency limit, then exit")
 
-    p = sub.add_parser("ingest", help="announce new images in a source (event stage1.data.landed -> retrain)")
+    p = add("ingest", "announce new images in a source (event stage1.data.landed -> retrain on it)", cmd_ingest)
     p.add_argument("path", help="the source folder or file where the images landed")
     p.add_argument("--source-name", help="source name (default: the folder name)")
-    p.add_argument("--note", help="free text carried in the event")
-    p.set_defaults(fn=cmd_ingest)
+    p.add_argument("--role", choices=["all", "train_only"], default="all",
+                   help="all: split into train/val/calib/test; train_only: extra training data, never evaluated")
+    p.add_argument("--kind", choices=["auto", "folder", "csv", "json", "parquet"], default="auto",
+                   help="source layout (auto: from the path)")
+    p.add_argument("--note", help="free text carried in the event (default: empty)")
 
-    from stage1core.comparison import MetricFloor
-
-    floor = MetricFloor()
-    p = sub.add_parser("promote", help="move the champion alias to a version (checks bundle and floor)")
+    floor_default = "the team settings' promotion.floor, else stage1core.comparison.MetricFloor's"
+    p = add("promote", "move the champion alias to a version (checks the bundle and the team's floor)",
+            cmd_promote)
     p.add_argument("version", help="version number, alias, or models:/<name>/<version>")
     p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
     p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
-    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
-    p.add_argument("--min-mcc", type=float, help=f"floor on the test MCC (default: {floor.min_mcc}, MetricFloor)")
-    p.add_argument("--min-auroc", type=float, help=f"floor on the test AUROC (default: {floor.min_auroc}, MetricFloor)")
-    p.set_defaults(fn=cmd_promote)
+    p.add_argument("--model", help="registered model (default: the team settings' model_name)")
+    p.add_argument("--min-mcc", type=float, help=f"test MCC floor (default: {floor_default})")
+    p.add_argument("--min-auroc", type=float, help=f"test AUROC floor (default: {floor_default})")
 
-    p = sub.add_parser("rollback", help="move the champion back to the version the current one replaced")
+    p = add("rollback", "move the champion back to the version the current one replaced", cmd_rollback,
+            description="Move the champion back to the version the current one replaced (or --to a version),\n"
+                        "after the same checks as promote. Retrain never brings back a version rolled back from.")
     p.add_argument("--to", help="roll back to this version instead (default: the champion before the current one)")
     p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
     p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
-    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
-    p.add_argument("--min-mcc", type=float, help=f"floor on the test MCC (default: {floor.min_mcc}, MetricFloor)")
-    p.add_argument("--min-auroc", type=float, help=f"floor on the test AUROC (default: {floor.min_auroc}, MetricFloor)")
-    p.set_defaults(fn=cmd_rollback)
+    p.add_argument("--model", help="registered model (default: the team settings' model_name)")
+    p.add_argument("--min-mcc", type=float, help=f"test MCC floor (default: {floor_default})")
+    p.add_argument("--min-auroc", type=float, help=f"test AUROC floor (default: {floor_default})")
 
-    p = sub.add_parser("history", help="the promotion history: alias moves and retrain decisions, oldest first")
-    p.add_argument("--model", default="stage1-roadwork", help="registered model (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="only the last N entries")
+    p = add("history", "the promotion history: alias moves and retrain decisions, oldest first", cmd_history)
+    p.add_argument("--model", help="registered model (default: the team settings' model_name)")
+    p.add_argument("--limit", type=int, help="only the last N entries (default: all)")
     p.add_argument("--json", action="store_true", help="print the entries as JSON")
-    p.set_defaults(fn=cmd_history)
 
-    p = sub.add_parser("evaluate", help="evaluate a registered version or a bundle directory on sources")
+    p = add("evaluate", "evaluate a registered version or a bundle directory on sources", cmd_evaluate)
     p.add_argument("model", help="bundle dir, models:/<name>@<alias>, models:/<name>/<version>, a version or alias")
-    p.add_argument("--source", action="append", help="a source path (default: the demo data)")
+    p.add_argument("--source", action="append",
+                   help="a source path, repeatable (default: the team's sources, as training reads them)")
     p.add_argument("--split", default="test", choices=["test", "calib", "val", "train", "all"],
-                   help="one split (train_only sources left out), or all: every image of the sources "
-                        "(default: %(default)s)")
-    p.add_argument("--model-name", default="stage1-roadwork")
-    p.set_defaults(fn=cmd_evaluate)
+                   help="one hash split (train_only sources left out), or all: every image of the sources")
+    p.add_argument("--model-name", help="registered model (default: the team settings' model_name)")
 
-    p = sub.add_parser("keygen", help="write an ed25519 key pair for signing bundles")
+    p = add("keygen", "write an ed25519 key pair for signing bundles", cmd_keygen)
     p.add_argument("--out", required=True, help="folder for stage1-bundle.key (private, mode 0600) and .pub")
-    p.set_defaults(fn=cmd_keygen)
 
-    p = sub.add_parser("sign", help="sign a bundle's manifest with the team key (writes manifest.sig)")
+    p = add("sign", "sign a bundle's manifest with the team key (writes manifest.sig)", cmd_sign)
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--key", help="ed25519 private key file (default: $STAGE1_BUNDLE_SIGNING_KEY)")
-    p.set_defaults(fn=cmd_sign)
+    return parser
 
-    args = parser.parse_args(argv)
-    return run_command(args)
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv))
 
 
 def entry() -> None:

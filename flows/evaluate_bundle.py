@@ -4,7 +4,7 @@ at the bundle's own decision threshold, and log the result to MLflow and Prefect
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prefect import flow, get_run_logger, task
@@ -21,7 +21,7 @@ from stage1core.sources import SourceConfig, read_bytes
 from stage1core.splits import SPLITS, SplitConfig, read_split_manifest, samples_of
 from tasks.pipeline import build_splits
 from tasks.registry import fetch_bundle, get_version, parse_model_ref
-from tasks.tracking import MODEL_NAME, client, end_mlflow_run, start_mlflow_run
+from tasks.tracking import client, end_mlflow_run, start_mlflow_run
 
 
 @task(name="resolve_bundle")
@@ -69,23 +69,42 @@ def score_bundle(bundle_path: str, split_manifest: str, split: str) -> dict[str,
 
 @flow(name="evaluate-bundle", log_prints=True)
 def evaluate_bundle(
-    model: str = f"models:/{MODEL_NAME}@champion",
+    model: str = "champion",
     sources: list[SourceConfig] | None = None,
-    split: str = "test",
-    splits: SplitConfig = SplitConfig(),
-    model_name: str = MODEL_NAME,
+    split: Literal["test", "calib", "val", "train", "all"] = "test",
+    splits: SplitConfig | None = None,
+    model_name: str = "",
     experiment: str = "stage1-evaluations",
+    settings_file: str = "",
 ) -> dict[str, Any]:
-    """Evaluate `model` (a bundle path, `models:/<name>@<alias>`, `models:/<name>/<version>`, a version
-    number or an alias of `model_name`) on `sources`, restricted to one hash split (`test`, `calib`,
-    `val`, `train`; `train_only` sources left out) or `all`: every image of the sources, train and
-    `train_only` included (optimistic for the model trained on them). With no sources, the demo dataset."""
+    """Evaluate a registered version or a bundle directory on any source, at the bundle's own threshold.
+
+    Args:
+        model: A bundle directory, `models:/<name>@<alias>`, `models:/<name>/<version>`, or a version
+            number or alias of `model_name`.
+        sources: Sources to score. Empty: the team's sources (configured and landed), as training reads them.
+        split: One hash split (`test`, `calib`, `val`, `train`; `train_only` sources left out), or `all`:
+            every image of the sources, train and `train_only` included (optimistic for the model
+            trained on them).
+        splits: Split ratios and salt. Empty: the team settings' (the ones training used, so `test` is the
+            registered test split).
+        model_name: Registered model that versions and aliases refer to. Empty: the team settings'.
+        experiment: MLflow experiment of the evaluation run.
+        settings_file: Team settings file. Empty: $STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml, else
+            the built-in demo settings.
+    """
+    from stage1core.settings import combine_sources, landed_sources
     from tasks.pipeline import ensure_demo_data
+    from tasks.settings import load_team_settings
 
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
-    if not sources:
-        sources = [ensure_demo_data()]
+    if not (sources and splits and model_name):
+        settings = load_team_settings(settings_file)
+        model_name = model_name or settings.model_name
+        splits = splits or settings.splits
+        if not sources:
+            sources = combine_sources(list(settings.sources) or [ensure_demo_data()], landed_sources())
     bundle = resolve_bundle(model, model_name)
     split_ref = build_splits(sources, splits)
     scored = score_bundle(bundle["path"], split_ref.path, split)

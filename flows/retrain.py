@@ -1,29 +1,23 @@
-"""The `retrain` flow: train a challenger on the sources as they are now (only new images are
+"""The `retrain` flow: train a challenger on the team's sources plus what landed (only new images are
 embedded: the feature store is keyed by image content), then judge it against the champion on the
 same test split under the same FNR constraint, and promote it only when the rule of
 stage1core.comparison says it is better beyond noise. With no new images and no new settings it
-trains, registers and logs nothing (a no-op, reported as such)."""
+trains, registers and logs nothing (a no-op, reported as such).
+
+Everything a team sets once (sources, backbone, splits, guarantee, promotion rule) comes from the
+team settings, read at every run (stage1core.settings); the run form holds only what changes per run.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.train_pipeline import RegistryConfig, train_pipeline
-from stage1core.backbone import BackboneConfig
-from stage1core.baselines import BaselineConfig
-from stage1core.comparison import ComparisonConfig
-from stage1core.features import FeatureConfig
-from stage1core.finetune import FinetuneConfig
-from stage1core.guarantees import GuaranteeConfig
-from stage1core.heads import HeadConfig
-from stage1core.policy import PolicyConfig
+from stage1core.settings import comparison_config
 from stage1core.sources import SourceConfig
-from stage1core.splits import SplitConfig
-from stage1core.train import SelectionConfig, TrainConfig
-from tasks.finetune import LaunchConfig
 from tasks.pipeline import build_splits, ensure_demo_data
 from tasks.registry import (
     compare_with_champion,
@@ -34,59 +28,66 @@ from tasks.registry import (
     retrain_inputs,
     set_champion,
 )
+from tasks.settings import (
+    choose_sources,
+    launch_config,
+    load_team_settings,
+    record_settings,
+    remember_landed_sources,
+)
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    sources: list[SourceConfig] | None = None,
-    splits: SplitConfig = SplitConfig(),
-    backbone: BackboneConfig = BackboneConfig(),
-    features: FeatureConfig = FeatureConfig(),
-    head: HeadConfig = HeadConfig(),
-    train: TrainConfig = TrainConfig(),
-    selection: SelectionConfig = SelectionConfig(),
-    baselines: BaselineConfig = BaselineConfig(),
-    guarantee: GuaranteeConfig = GuaranteeConfig(),
-    policy: PolicyConfig = PolicyConfig(),
-    registry: RegistryConfig = RegistryConfig(),
-    comparison: ComparisonConfig = ComparisonConfig(),
-    max_quarantined_fraction: float = 0.01,
-    backbone_mode: Literal["frozen", "lora", "dora"] = "frozen",
-    finetune: FinetuneConfig = FinetuneConfig(),
-    launch: LaunchConfig = LaunchConfig(),
-    merge_adapters: bool = False,
+    landed: list[SourceConfig] | None = None,
+    auto_promote: bool | None = None,
+    settings_file: str = "",
     trigger: str = "",
 ) -> dict[str, Any]:
-    """Retrain on the current sources, compare with the champion, promote if `comparison` says the
-    challenger is better beyond noise (stage1core.comparison.ComparisonConfig: its defaults are the rule).
+    """Retrain on the team's sources plus what landed, compare with the champion, promote if the
+    challenger is better beyond noise (the settings' [promotion] table over the defaults of
+    stage1core.comparison.ComparisonConfig). When the data, the settings and the code are those of an
+    earlier retrain, nothing is trained or logged: the challenger would be the same bundle (it is
+    judged again, without training, only if the champion or the rule changed since).
 
-    Keep `splits` (salt and ratios) fixed across runs: that is what keeps the champion's test images
-    in the challenger's test split. `trigger` records what started the run (schedule, event id).
-    When the data, the settings and the code are those of an earlier retrain, nothing is trained or
-    logged: the challenger would be the same bundle (it is judged again, without training, only if
-    the champion or the rule changed since).
+    Args:
+        landed: Sources that just landed (`stage1 ingest` puts them in its event). The run trains on the
+            configured sources, every source that landed before, and these; after a successful run they
+            are remembered, so the nightly run keeps reading them.
+        auto_promote: Move `champion` when the challenger wins. Empty: the team settings decide
+            (promotion.auto_promote).
+        settings_file: Team settings file. Empty: $STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml,
+            else the built-in demo settings.
+        trigger: What started the run (schedule, event id); recorded in the comparison report.
     """
     logger = get_run_logger()
-    if not registry.register:
-        raise ValueError("retrain registers the challenger to compare it: registry.register must be true")
-    if not sources:
-        sources = [ensure_demo_data()]
+    settings = load_team_settings(settings_file)
+    comparison = comparison_config(settings, auto_promote=auto_promote)  # fails before any work if invalid
+    configured = list(settings.sources) or [ensure_demo_data()]
+    sources = choose_sources(configured, landed)
+    registry = RegistryConfig(experiment=settings.experiment, model_name=settings.model_name,
+                              bundle_name=settings.model_name)
+    guarantee = settings.guarantee
     training = dict(
-        sources=sources, splits=splits, backbone=backbone, features=features, head=head, train=train,
-        selection=selection, baselines=baselines, guarantee=guarantee, policy=policy, registry=registry,
-        max_quarantined_fraction=max_quarantined_fraction,
-        backbone_mode=backbone_mode, finetune=finetune, launch=launch, merge_adapters=merge_adapters,
+        sources=sources, splits=settings.splits, backbone=settings.backbone, features=settings.features,
+        head=settings.head, train=settings.train, selection=settings.selection, baselines=settings.baselines,
+        guarantee=guarantee, policy=settings.policy, registry=registry,
+        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
+        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
     )
     trigger = trigger or "manual"
     # a retrain with the same split, settings and code as an earlier one would train the same bundle
-    split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
+    split = build_splits(sources, settings.splits, max_quarantined_fraction=settings.max_quarantined_fraction)
     inputs = retrain_inputs(split.fingerprint, training)
     found = find_retrained(experiment=registry.experiment, model_name=registry.model_name, inputs=inputs,
                            config=comparison)
     if found is not None and found["no_op"]:
         report = report_no_op(found, model_name=registry.model_name, trigger=trigger)
+        if landed:  # the nightly run must keep reading them too, or its inputs would change
+            remember_landed_sources(landed)
         return {"report": report, "train": None, "promoted": False, "no_op": True,
-                "challenger_version": found["version"], "flow_run_id": str(flow_run.id)}
+                "challenger_version": found["version"], "flow_run_id": str(flow_run.id),
+                "sources": [s.name for s in sources], "settings": settings.origin}
     if found is None:
         result = train_pipeline(**training)
         mark_retrained(result["mlflow_run_id"], inputs)
@@ -112,7 +113,12 @@ def retrain(
         report["reason"] = "wins, but auto-promotion is off (promote it by hand): " + report["reason"]
     report["promoted"] = promoted is not None
     record_comparison(report, mlflow_run_id=mlflow_run_id, flow_run_id=str(flow_run.id))
+    if mlflow_run_id:  # a version judged again keeps the settings tags of the run that trained it
+        record_settings(settings, mlflow_run_id=mlflow_run_id, model_name=registry.model_name, version=challenger)
+    if landed:
+        remember_landed_sources(landed)
     logger.info("retrain: challenger v%s %s: %s", challenger,
                 "promoted to champion" if promoted else "not promoted", report["reason"])
     return {"report": report, "train": result, "promoted": report["promoted"], "no_op": False,
-            "challenger_version": challenger, "flow_run_id": str(flow_run.id)}
+            "challenger_version": challenger, "flow_run_id": str(flow_run.id),
+            "sources": [s.name for s in sources], "settings": settings.origin}

@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 
 from stage1core.backbone import BackboneConfig
 from stage1core.baselines import BaselineConfig
+from stage1core.config import describe_fields
 from stage1core.features import FeatureConfig
 from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
@@ -50,6 +51,7 @@ from tasks.tracking import (
 )
 
 
+@describe_fields
 @dataclass(frozen=True)
 class RegistryConfig:
     # MLflow experiment of the run
@@ -92,6 +94,25 @@ def train_pipeline(
     head, on images, in a child process (`launch`: one device, or `accelerate launch` on several
     GPUs/nodes). Calibration, evaluation, baselines, export and registration are the same tasks
     either way.
+
+    Args:
+        sources: Labelled image sources (class folders, CSV/JSON label files, parquet shards). Empty: the
+            procedural demo data.
+        splits: Hash-split ratios and salt; keep them fixed across runs so old images keep their split.
+        backbone: timm backbone, its weights and pooling.
+        features: Feature extraction: batch size, decode workers, precision, device.
+        head: Head kind and shape.
+        train: Head training loop.
+        selection: Grid of heads trained on cached features; the best on val is kept.
+        baselines: Logistic-regression and kNN baselines scored beside the head.
+        guarantee: FNR guarantee of the decision threshold: P(FNR <= alpha) >= 1 - delta.
+        policy: Decision rule of the bundle and its calibrator.
+        registry: MLflow experiment, registered model and alias.
+        max_quarantined_fraction: Stop when more than this share of images cannot be read.
+        backbone_mode: frozen trains heads on cached features; lora or dora fine-tunes adapters on images.
+        finetune: Fine-tuning settings (lora/dora only).
+        launch: How fine-tuning processes start (lora/dora only).
+        merge_adapters: lora/dora: merge the adapters into the backbone weights in the bundle.
     """
     logger = get_run_logger()
     started = time.perf_counter()

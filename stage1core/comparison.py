@@ -2,8 +2,9 @@
 and FNR differences of two models scored on the same test images, and the promote/keep decision.
 
 One definition, used by the `retrain` and `promote` flows, the `stage1 promote`/`rollback` commands
-and the deployments (which take the dataclass defaults below): change a default here, or pass a
-config, and every path follows.
+and the deployments: a team's settings file sets any of these fields in its [promotion] table
+(stage1core.settings), and every field it leaves out keeps the default below; change a default here,
+or the table, and every path follows.
 
 The rule is an intersection-union test: the challenger is promoted only when every one-sided bound
 holds (MCC better, AUROC and FNR not worse by more than their margins), each at level `confidence`.
@@ -19,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from stage1core.config import describe_fields
 
+
+@describe_fields
 @dataclass(frozen=True)
 class MetricFloor:
     """What any champion must reach on its own test split (the bundle's metrics.json)."""
@@ -42,6 +46,7 @@ class MetricFloor:
             raise ValueError(f"MetricFloor.max_fnr must be in [0, 1] or null, got {self.max_fnr}")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class ComparisonConfig:
     """When `retrain` replaces the champion: the challenger meets the floor, the test split is large
@@ -61,8 +66,9 @@ class ComparisonConfig:
     min_test_per_class: int = 200
     # one-sided confidence level of each bound
     confidence: float = 0.95
-    # paired bootstrap resamples of the test images, and their seed (a rerun gives the same bounds)
+    # paired bootstrap resamples of the test images
     n_bootstrap: int = 2000
+    # seed of the resamples (a rerun gives the same bounds)
     seed: int = 0
     # move `champion` when the rule says promote; off: report the decision only, promote by hand
     auto_promote: bool = True

@@ -33,6 +33,7 @@ from .backbone import (
     feature_dim,
     resolve_backbone,
 )
+from .config import describe_fields
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
 from .home import home_path
 from .images import ImageDataset, collate_images, eval_transform
@@ -45,6 +46,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 STORE_FORMAT = 1
 
 
+@describe_fields
 @dataclass(frozen=True)
 class FeatureConfig:
     # images per forward pass

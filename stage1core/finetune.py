@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ from .classifier import (
     set_head_norm,
     trainable_keys,
 )
+from .config import describe_fields
 from .features import FeatureConfig, draft_size, preprocessing_spec
 from .fingerprint import fingerprint
 from .fsam import adamw_training_step, fsam_training_step, make_optimizer
@@ -93,22 +94,22 @@ PREPROCESSING = "preprocessing.json"
 METRICS_PREFIX = "stage1-metrics "  # stdout lines the launching task can parse
 
 
+@describe_fields
 @dataclass(frozen=True)
 class FinetuneConfig:
     # which modules get adapters, LoRA or DoRA, rank/alpha/dropout, how many of the last blocks
     adapter: AdapterConfig = AdapterConfig()
     # "fsam" (Friendly SAM around AdamW: two forward/backward passes per step) or "adamw"
-    optimizer: str = "fsam"
+    optimizer: Literal["fsam", "adamw"] = "fsam"
     # peak learning rate of the adapters after warmup
     lr: float = 1e-4
     # peak learning rate of the head (random init, so it needs more than the adapters)
     head_lr: float = 1e-3
     # decoupled weight decay on adapter matrices and head weights (never on DoRA magnitudes or biases)
     weight_decay: float = 0.05
-    # F-SAM: perturbation radius, weight of the gradient EMA removed from the perturbation, EMA decay
-    rho: float = 0.05
-    sigma: float = 1.0
-    lmbd: float = 0.9
+    rho: float = 0.05  # F-SAM perturbation radius
+    sigma: float = 1.0  # F-SAM: weight of the gradient EMA removed from the perturbation
+    lmbd: float = 0.9  # F-SAM: decay of that gradient EMA
     # passes over the train split (early stopping or max_steps may end sooner)
     epochs: int = 10
     # cap on optimizer steps; 0 means the epochs decide
@@ -136,24 +137,24 @@ class FinetuneConfig:
     # (class-balanced Brier, as in fit_head; docs/selection.md)
     patience: int = 3
     # "fp32" or "bf16" (autocast; on GPU, and allowed on CPU); fp16 is not offered (F-SAM + GradScaler)
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     # torch.compile the training forward (GPU; the first steps pay the compile time)
     compile: bool = False
     # save a resumable checkpoint every N optimizer steps; 0: never
     checkpoint_every: int = 200
     # keep the last checkpoint after a successful run (it holds the full model and optimizer)
     keep_checkpoints: bool = False
+    # seed of adapter and head initialisation, data order and augmentation
     seed: int = 0
     # DataLoader worker processes that decode and augment images (0: in the training process)
     num_workers: int = 4
     # train augmentation (timm create_transform): RandomResizedCrop's smallest area fraction (small
-    # roadwork evidence such as one cone is lost by timm's default 0.08), flip probability, colour
-    # jitter strength, timm auto-augment string (e.g. "rand-m9-mstd0.5") or None, random-erasing probability
+    # roadwork evidence such as one cone is lost by timm's default 0.08)
     crop_scale_min: float = 0.35
-    hflip: float = 0.5
-    color_jitter: float = 0.2
-    auto_augment: str | None = None
-    re_prob: float = 0.0
+    hflip: float = 0.5  # probability of a horizontal flip
+    color_jitter: float = 0.2  # colour jitter strength
+    auto_augment: str | None = None  # timm auto-augment string (e.g. "rand-m9-mstd0.5"); None: off
+    re_prob: float = 0.0  # random-erasing probability
     # train images whose initial features set the head's input standardisation
     norm_samples: int = 512
 

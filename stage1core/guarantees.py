@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import binom
 
+from .config import describe_fields
+
 __all__ = [
     "GuaranteeConfig",
     "InsufficientCalibrationData",
@@ -60,6 +62,7 @@ def _finite_1d(name: str, values: Any) -> np.ndarray:
     return arr
 
 
+@describe_fields
 @dataclass(frozen=True)
 class GuaranteeConfig:
     """Targets of the FNR guarantee: P(FNR <= alpha) >= 1 - delta over calib draws."""

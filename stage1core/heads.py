@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .config import describe_fields
+
 HEAD_KINDS = ("auto", "mlp", "linear", "selective")
 # the std of a feature dimension is floored at this fraction of the median std over dimensions
 STD_FLOOR_FRACTION = 0.01
@@ -33,6 +35,7 @@ STD_FLOOR_FRACTION = 0.01
 STANDARD_CLIP = 10.0
 
 
+@describe_fields
 @dataclass(frozen=True)
 class HeadConfig:
     # auto: linear and mlp under head selection (the better on val is kept), mlp without it, and

@@ -19,9 +19,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+from .config import describe_fields
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,11 @@ ADAPTER_METHODS = ("lora", "dora")
 _SWIGLU_FC1 = ("mlp.fc1_g", "mlp.fc1_x")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: str = "dora"  # "lora", or "dora" (weight-decomposed LoRA: a learned magnitude per output)
+    # lora, or dora (weight-decomposed LoRA: a learned magnitude per output)
+    method: Literal["lora", "dora"] = "dora"
     rank: int = 8  # rank r of the low-rank update B @ A
     alpha: int = 16  # the update is scaled by alpha / rank
     dropout: float = 0.0  # dropout on the adapter's input (the frozen path sees none)

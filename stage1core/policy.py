@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .calibration import DirichletCalibration, PlattScaling, TemperatureScaling, fit_gate_platt, load_calibrator
+from .config import describe_fields
 from .guarantees import FNRThreshold, GuaranteeConfig, SCRCConfig, SCRCParams, apply_scrc, fit_scrc, fnr_threshold
 
 POLICIES = ("threshold", "gate", "scrc")
@@ -27,6 +28,7 @@ CALIBRATORS = ("none", "temperature", "dirichlet")
 SCRC_SCORES = ("gate", "maxprob")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class PolicyConfig:
     # threshold | gate | scrc: the decision rule the bundle applies
@@ -36,9 +38,9 @@ class PolicyConfig:
     # gate policy: abstain when the calibrated gate's P(argmax prediction correct) is below this
     gate_min_confidence: float = 0.9
     # scrc policy: max FNR among accepted samples, failure probability, minimum coverage
-    scrc_alpha: float = 0.05
-    scrc_delta: float = 0.1
-    scrc_xi: float = 0.6
+    scrc_alpha: float = 0.05  # max FNR among accepted samples
+    scrc_delta: float = 0.1  # probability that the calib draw breaks the certificate
+    scrc_xi: float = 0.6  # minimum share of images accepted (coverage)
     # scrc policy: confidence that selects samples: the gate (selective head) or max(p, 1 - p)
     scrc_score: Literal["gate", "maxprob"] = "gate"
     # scrc policy: number of selection thresholds searched (Bonferroni divisor of the risk test)

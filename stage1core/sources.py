@@ -25,8 +25,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from stage1core.config import describe_fields
 from stage1core.fingerprint import fingerprint as _fingerprint
 from stage1core.fingerprint import sha256_bytes, sha256_file
 
@@ -64,13 +65,15 @@ class LabelConflictError(DataError):
         self.quarantined = quarantined
 
 
+@describe_fields
 @dataclass(frozen=True)
 class SourceConfig:
     """One labelled-image source."""
 
     path: str  # a class-folder root, a .csv / .json label file, a .parquet file or a folder of parquet shards
-    kind: str = "auto"  # auto | folder | csv | json | parquet  (auto: decided from the path)
-    role: str = "all"  # all | train_only (extra training positives, never in val/calib/test)
+    # class folders, a CSV or JSON label file, or parquet shards; auto: decided from the path
+    kind: Literal["auto", "folder", "csv", "json", "parquet"] = "auto"
+    role: Literal["all", "train_only"] = "all"  # all | train_only (extra training positives, never in val/calib/test)
     name: str = ""  # source name in samples and reports; defaults to the path's basename
     # CSV column, JSON key or parquet column holding a group id (drive, session): images of one group
     # always share a split. "" uses a column named `group` when there is one; class folders have none
@@ -492,6 +495,41 @@ def scan_source(config: SourceConfig) -> list[Sample]:
         log.warning("source %s: quarantined %s (row %s): %s", q["source"], q["locator"], q["row"],
                     q["reason"])
     return samples
+
+
+def count_images(config: SourceConfig) -> dict[str, Any]:
+    """How many labelled images a source lists, without reading them: image files in the class folders,
+    rows of a CSV/JSON label file, rows of the parquet shards. Label files, manifests and other files
+    beside the images are not images and are not counted. Returns {"kind", "n_images", "n_roadwork"}."""
+    path = Path(config.path).expanduser().absolute()
+    if not path.exists():
+        raise DataError(f"source {config.name!r}: {path} does not exist; fix the path")
+    kind = _resolve_kind(config, path)
+    labels: list[int] = []
+    if kind == "folder":
+        if not path.is_dir():
+            raise DataError(f"{path}: kind 'folder' needs a directory of class folders")
+        for child in sorted(path.iterdir()):
+            label = CLASS_FOLDERS.get(child.name.lower())
+            if label is None or _is_hidden(child.name) or not child.is_dir():
+                continue
+            for _, dirnames, filenames in os.walk(child):
+                dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+                labels += [label for name in filenames
+                           if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+    elif kind in ("csv", "json"):
+        parse = parse_csv_labels if kind == "csv" else parse_json_labels
+        labels = [r.label for r in parse(_read_text(path), origin=str(path), group_column=config.group_column)]
+    else:
+        import pyarrow.parquet as pq
+
+        for shard in _parquet_shards(path):
+            try:
+                column = pq.read_table(shard, columns=["label"]).column("label").to_pylist()
+            except Exception as exc:  # pyarrow raises ArrowInvalid/KeyError/OSError for bad shards
+                raise DataError(f"{shard}: cannot read the `label` column ({exc})") from exc
+            labels += [parse_label(v, where=f"{shard}, row {i}") for i, v in enumerate(column)]
+    return {"kind": kind, "n_images": len(labels), "n_roadwork": int(sum(labels))}
 
 
 def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:

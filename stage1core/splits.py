@@ -34,6 +34,8 @@ from stage1core.fingerprint import fingerprint
 from stage1core.sources import ROLES, DataError, Sample
 from stage1core.storage import atomic_write_json
 
+from .config import describe_fields
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "calib", "test")
@@ -44,16 +46,17 @@ MAX_RADIUS = 24  # beyond this, unrelated images' pHashes meet everywhere (rando
 _TOLERANCE = 1e-6
 
 
+@describe_fields
 @dataclass(frozen=True)
 class SplitConfig:
     """Hash-split ratios. val: early stopping and model selection; calib: calibrators and thresholds;
     test: reported once."""
 
     salt: str = "stage1"  # changing it reshuffles every sample; keep it fixed across retraining runs
-    train: float = 0.70  # may be 0 (then only train_only sources train)
-    val: float = 0.10  # > 0
-    calib: float = 0.10  # > 0
-    test: float = 0.10  # > 0
+    train: float = 0.70  # share of images in train; may be 0 (then only train_only sources train)
+    val: float = 0.10  # share in val (early stopping, head selection); > 0
+    calib: float = 0.10  # share in calib (calibrators, guaranteed thresholds); > 0
+    test: float = 0.10  # share in test (reported once, judges champion and challenger); > 0
     # group near-duplicate images (perceptual hashes within near_duplicate_radius), so they share a split
     near_duplicates: bool = True
     # most of the 64 pHash bits two images may differ in to be linked as near-duplicates (docs/splits.md)

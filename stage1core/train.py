@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .config import describe_fields
 from .fingerprint import fingerprint, sha256_file
 from .heads import FeatureView, HeadConfig, SelectiveHead, build_head, positive_probability
 from .loop import EarlyStopping, LogFn, cosine_schedule, judged_model, no_log, weight_ema
@@ -28,13 +29,16 @@ from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
 
+@describe_fields
 @dataclass(frozen=True)
 class TrainConfig:
     # passes over the train split (early stopping may end sooner)
     epochs: int = 40
+    # feature vectors per optimizer step
     batch_size: int = 128
     # peak learning rate of AdamW after warmup
     lr: float = 1e-3
+    # AdamW decoupled weight decay
     weight_decay: float = 0.05
     # linear warmup length, in epochs (converted to optimizer steps)
     warmup_epochs: float = 2.0
@@ -50,12 +54,13 @@ class TrainConfig:
     ema_warmup: bool = True
     # stop after this many epochs past the LR warmup without a better val score (class-balanced Brier)
     patience: int = 8
+    # seed of initialisation and batch order
     seed: int = 0
     # ce (class-weighted cross-entropy) or risk_aware (cost-weighted focal loss that punishes confident
     # missed roadwork fn_cost times more than confident false alarms; docs/selective.md); the selective
     # head always trains with the SelectiveNet loss
     loss: Literal["ce", "risk_aware"] = "ce"
-    fn_cost: float = 5.0
+    fn_cost: float = 5.0  # risk_aware loss: cost of a confident miss relative to a false alarm
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -70,6 +75,7 @@ class TrainConfig:
             raise ValueError(f"loss must be 'ce' or 'risk_aware' and fn_cost > 0, got {self.loss!r}, {self.fn_cost}")
 
 
+@describe_fields
 @dataclass(frozen=True)
 class SelectionConfig:
     """Head selection on cached features, as DINOv3's linear evaluation does it: a small grid of heads,

@@ -28,6 +28,7 @@ from typing import Any
 from prefect import task
 
 from stage1core.backbone import BackboneConfig, resolve_backbone
+from stage1core.config import describe_fields
 from stage1core.finetune import (
     ADAPTER_WEIGHTS,
     RESULT,
@@ -47,15 +48,18 @@ from .processes import die_with_parent
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@describe_fields
 @dataclass(frozen=True)
 class LaunchConfig:
     # training processes on this machine (one per GPU); 1 runs a plain subprocess
     num_processes: int = 1
-    # machines in a multi-node run, and this machine's rank among them
+    # machines in a multi-node run
     num_machines: int = 1
+    # this machine's rank among them (0 on the main machine)
     machine_rank: int = 0
-    # address and port of rank 0 (multi-node only)
+    # address of rank 0 (multi-node only)
     main_process_ip: str | None = None
+    # port of rank 0 (multi-node only)
     main_process_port: int = 29500
     # run on CPU even where a GPU exists (tests, CPU-only workers)
     cpu: bool = False

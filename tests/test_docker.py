@@ -35,8 +35,24 @@ def dockerfile() -> list[tuple[str, str]]:
 
 
 def gpu_job_variables() -> dict:
-    specs = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]
+    specs = yaml.safe_load((DOCKER / "prefect.yaml").read_text())["deployments"]
     return next(s for s in specs if s["name"] == "train-pipeline")["work_pool"]["job_variables"]
+
+
+def test_the_compose_deployments_are_the_plain_host_deployments_on_docker_pools():
+    def load(path):
+        return yaml.safe_load(path.read_text())
+
+    docker, plain = load(DOCKER / "prefect.yaml"), load(ROOT / "deployments" / "prefect.yaml")
+    assert docker["build"] == plain["build"] and docker["pull"] == plain["pull"] == []
+    for ours, theirs in zip(docker["deployments"], plain["deployments"], strict=True):
+        assert {k: v for k, v in ours.items() if k != "work_pool"} == {
+            k: v for k, v in theirs.items() if k != "work_pool"}, ours["name"]
+        assert ours["work_pool"]["name"] == theirs["work_pool"]["name"]
+        if ours["work_pool"]["name"] == "gpu":
+            assert ours["work_pool"]["job_variables"]["container_create_kwargs"]["device_requests"][0][
+                "capabilities"] == [["gpu"]]
+            assert theirs["work_pool"]["job_variables"] == {"env": "{{ stage1.process_env }}"}
 
 
 def test_compose_has_the_team_services_wired_together(compose):

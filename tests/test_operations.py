@@ -1,12 +1,16 @@
 """Operations flows under the Prefect test server, on procedural images with EfficientNet-Lite0 (its
-packaged ImageNet weights against a random init: a real, large quality gap): retrain's promotion
-rule with a first champion, a clearly better, an equal and a clearly worse challenger; a retrain
-with no new data that trains and logs nothing; rollback, history and the re-promote no-op through
-the CLI; promote's refusals; evaluate-bundle; and the rule on synthetic predictions, without Prefect
-or MLflow."""
+packaged ImageNet weights against a random init: a real, large quality gap), every retrain driven by a
+team settings file: retrain's promotion rule with a first champion, a clearly better, an equal and a
+clearly worse challenger; a retrain with no new data that trains and logs nothing; the settings each
+run records; rollback, history and the re-promote no-op through the CLI and the flow, with the team's
+floor; promote's refusals; evaluate-bundle; sources that land (`stage1 ingest`'s payload) read with the
+configured ones and remembered by the nightly run. Without Prefect or MLflow: the rule on synthetic
+predictions, the promotion history, one floor and rule for the settings, the CLI, the flows and the
+deployments. And the deployments, their forms and `stage1 ingest`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -46,28 +50,36 @@ SPLITS = SplitConfig(train=0.4, val=0.1, calib=0.2, test=0.3)
 LOW_FLOOR = MetricFloor(min_mcc=-1.0, min_auroc=0.0)
 LOW_FLOOR_ARGS = ["--min-mcc", "-1", "--min-auroc", "0"]
 # the default rule (MCC lower bound > 0, AUROC and FNR non-inferior), except: ~25 test images per class
-# here (the default asks 200), fewer resamples, and the low floor
+# here (the default asks 200), fewer resamples, and the low floor; as a team writes it in [promotion]
+PROMOTION = {"n_bootstrap": 500, "min_test_per_class": 15, "floor": {"min_mcc": -1.0, "min_auroc": 0.0}}
 RULE = ComparisonConfig(n_bootstrap=500, min_test_per_class=15, floor=LOW_FLOOR)
 
 
-def params(*folders, pretrained: bool = True, **over):
-    from flows.train_pipeline import RegistryConfig
+def team_settings(*folders, pretrained: bool = True, **over):
+    """The team settings of these tests: EfficientNet-Lite0, pretrained or random-init, on `folders`."""
+    from stage1core.settings import TeamSettings
 
     base = {
-        "sources": [SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders],
+        "model_name": MODEL, "experiment": EXPERIMENT,
+        "sources": tuple(SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders),
         "splits": SPLITS,
         "backbone": BackboneConfig(name="tf_efficientnet_lite0", pooling="avg",
                                    weights=DEMO_PACKAGE_WEIGHTS if pretrained else RANDOM_WEIGHTS),
         "features": FeatureConfig(batch_size=32, num_workers=0),
         "train": TrainConfig(epochs=4, batch_size=32),
         "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
-        "registry": RegistryConfig(experiment=EXPERIMENT, model_name=MODEL),
-        "comparison": RULE,
+        "promotion": PROMOTION,
         # the rule is tested here; the baseline gate has its own test below
         "baselines": BaselineConfig(margin=0.9),
     }
     base.update(over)
-    return base
+    return TeamSettings(**base)
+
+
+def settings_file(path, *folders, **over) -> str:
+    from stage1core.settings import write_settings
+
+    return str(write_settings(team_settings(*folders, **over), path, force=True))
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +120,25 @@ def champion() -> str:
 
 
 @pytest.fixture(scope="module")
-def scenario(prefect_server, street):
-    """Five retrains on the same images: random-init (first champion), pretrained (clearly better),
-    pretrained again (no new data), pretrained under another bundle name (equal predictions),
-    random-init again (clearly worse; trained before, so judged again without training)."""
+def scenario(prefect_server, street, tmp_path_factory):
+    """Five retrains on the same images, each from its team settings file: random-init (first champion),
+    pretrained (clearly better), pretrained again (no new data), pretrained with another baseline margin
+    (a new bundle, equal predictions), random-init again (clearly worse; trained before, so judged again
+    without training)."""
     from flows.retrain import retrain
-    from flows.train_pipeline import RegistryConfig
+    from stage1core.settings import landed_record
 
-    out, champions, runs = {}, [], []
+    landed_record().unlink(missing_ok=True)  # nothing landed yet: the configured source only
+    folder = tmp_path_factory.mktemp("settings")
+    out, files, champions, runs = {}, {}, [], []
     for name, over in (("first", {"pretrained": False}), ("better", {}), ("again", {}),
-                       ("equal", {"registry": RegistryConfig(experiment=EXPERIMENT, model_name=MODEL,
-                                                             bundle_name="stage1-roadwork-twin")}),
-                       ("worse", {"pretrained": False})):
+                       ("equal", {"baselines": BaselineConfig(margin=0.8)}), ("worse", {"pretrained": False})):
+        files[name] = settings_file(folder / f"{name}.toml", street, **over)
         before = n_runs() if name != "first" else 0
-        out[name] = retrain(**params(street, **over))
+        out[name] = retrain(settings_file=files[name], trigger="test")
         runs.append(n_runs() - before)
         champions.append(champion())
-    out["champions"], out["new_runs"] = champions, runs
+    out["champions"], out["new_runs"], out["files"] = champions, runs, files
     return out
 
 
@@ -204,7 +218,30 @@ def artifacts_of(flow_run_id: str) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
+def test_each_retrain_reads_its_settings_file_and_records_them(scenario, street):
+    from stage1core.settings import comparison_config, load_settings
+
+    files, mc = scenario["files"], mlflow_client()
+    assert comparison_config(load_settings(files["better"])) == RULE  # [promotion] holds the rule's own fields
+    better = scenario["better"]
+    assert better["settings"] == files["better"] and better["sources"] == [street.name]
+    run = mc.get_run(better["train"]["mlflow_run_id"])
+    assert run.data.tags["settings.origin"] == files["better"]
+    assert [s["name"] for s in json.loads(run.data.params["sources"])] == [street.name]
+    saved = mc.download_artifacts(better["train"]["mlflow_run_id"], "settings/team_settings.json")
+    assert json.load(open(saved))["promotion"] == PROMOTION
+    fingerprints = {name: load_settings(path).fingerprint for name, path in files.items()}
+    v1, v2, v3 = (mc.get_model_version(MODEL, v) for v in ("1", "2", "3"))
+    assert v2.tags["settings.fingerprint"] == run.data.tags["settings.fingerprint"] == fingerprints["better"]
+    assert v3.tags["settings.fingerprint"] == fingerprints["equal"] != fingerprints["better"]
+    # v1 was judged again by the `worse` run without training: it keeps the settings that trained it
+    assert v1.tags["settings.origin"] == files["first"] and fingerprints["worse"] == fingerprints["first"]
+    for name in ("better", "again"):  # the settings in force are shown on every run, a no-op's too
+        assert "team-settings" in artifacts_of(scenario[name]["flow_run_id"])
+
+
+@pytest.mark.slow
+def test_rollback_history_and_the_re_promote_no_op(scenario, monkeypatch, capsys):
     from deployments import cli
     from flows.retrain import retrain
     from tasks.registry import read_history
@@ -226,19 +263,21 @@ def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
     assert (entry["action"], entry["version"], entry["from_version"], entry["by"]) == ("rollback", "1", "2", "alice")
     assert v1.tags[entry["key"]] == v2.tags[entry["key"]] == mc.get_registered_model(MODEL).tags[entry["key"]]
 
+    # from here the CLI takes the model and the floor from the team settings, as a team runs it
+    monkeypatch.setenv("STAGE1_SETTINGS", scenario["files"]["better"])
     # moving the alias to the version that holds it: nothing changes, and it says so
     tags = dict(mc.get_model_version(MODEL, "1").tags)
-    assert cli.main(["promote", "1", "--reason", "again", "--model", MODEL, *LOW_FLOOR_ARGS]) == 0
+    assert cli.main(["promote", "1", "--reason", "again"]) == 0
     assert "v1 is already @champion" in capsys.readouterr().out
     assert dict(mc.get_model_version(MODEL, "1").tags) == tags and len(read_history(MODEL)) == 5
 
     # v1 was the first champion: there is nothing further back
-    assert cli.main(["rollback", "--reason", "x", "--model", MODEL, *LOW_FLOOR_ARGS]) == 2
+    assert cli.main(["rollback", "--reason", "x"]) == 2
     assert "nothing to roll back to" in capsys.readouterr().err
 
     # retrain does not bring back the version a person rolled back (nothing new: judged again, no run)
     runs = n_runs()
-    again = retrain(**params(street))
+    again = retrain(settings_file=scenario["files"]["better"])
     assert not again["promoted"] and champion() == "1" and n_runs() == runs
     assert "rolled back by alice" in again["report"]["reason"]
 
@@ -248,7 +287,7 @@ def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
     assert champion() == "2" and v2.tags["champion.previous_version"] == "1" and "champion.replaced_by" not in v2.tags
 
     capsys.readouterr()
-    assert cli.main(["history", "--model", MODEL]) == 0
+    assert cli.main(["history"]) == 0
     text = capsys.readouterr().out
     assert "7 entries" in text and "alice" in text and "FNR complaints from the field" in text
     assert cli.main(["history", "--model", MODEL, "--json", "--limit", "3"]) == 0
@@ -258,16 +297,18 @@ def test_rollback_history_and_the_re_promote_no_op(scenario, street, capsys):
     saved = mc.download_artifacts(v2.run_id, "registry/promotion_history.json")
     assert len(json.load(open(saved))["entries"]) == 7
 
-    # from the UI: the promote flow with version `previous`; v2 replaced v1 (bob), so it goes to v1 again
+    # from the UI: the promote flow with version `previous`, its model and floor from the settings file;
+    # v2 replaced v1 (bob), so it goes to v1 again
     from flows.promote import promote
 
-    moved = promote(version="previous", reason="drill", model_name=MODEL, floor=LOW_FLOOR)
+    moved = promote(version="previous", reason="drill", settings_file=scenario["files"]["better"])
     assert champion() == "1" and moved["action"] == "rollback" and moved["previous_version"] == "2"
-    assert cli.main(["promote", "2", "--reason", "drill over", "--model", MODEL, *LOW_FLOOR_ARGS]) == 0
+    assert moved["model_name"] == MODEL
+    assert cli.main(["promote", "2", "--reason", "drill over"]) == 0
 
 
 @pytest.mark.slow
-def test_promote_refuses_below_the_floor_or_a_corrupt_bundle(scenario):
+def test_promote_refuses_below_the_floor_or_a_corrupt_bundle(scenario, tmp_path):
     from flows.promote import promote
     from stage1core.bundle import BundleError
 
@@ -276,6 +317,10 @@ def test_promote_refuses_below_the_floor_or_a_corrupt_bundle(scenario):
     with pytest.raises(ValueError, match="below the floor"):
         promote(version="models:/stage1-ops-test/3", reason="x", model_name=MODEL,
                 floor=MetricFloor(min_mcc=min(1.0, mcc + 1e-3), min_auroc=0.0))
+    # no floor given: the team's, from its settings file
+    strict = settings_file(tmp_path / "strict.toml", promotion={"floor": {"min_mcc": min(1.0, mcc + 1e-3)}})
+    with pytest.raises(ValueError, match=f"below the floor {min(1.0, mcc + 1e-3)}"):
+        promote(version="3", reason="x", settings_file=strict)
     # a version whose bundle does not match its recorded fingerprint is refused (downloaded and checked)
     good = mc.get_model_version(MODEL, "3").tags["bundle_fingerprint"]
     mc.set_model_version_tag(MODEL, "3", "bundle_fingerprint", "0" * 64)
@@ -295,38 +340,57 @@ def test_evaluate_bundle_reproduces_the_test_metrics_and_all_means_every_image(s
     from stage1core.splits import read_split_manifest
 
     better = scenario["better"]
-    source = SourceConfig(path=str(street), kind="folder", name=street.name)
-    out = evaluate_bundle(model=f"models:/{MODEL}/2", sources=[source], splits=SPLITS, model_name=MODEL,
-                          experiment="ops-test-eval")
+    # model name, sources and splits from the team settings, as the deployment runs it
+    out = evaluate_bundle(model="2", settings_file=scenario["files"]["better"], experiment="ops-test-eval")
     bundle_metrics = json.loads((Path(better["train"]["bundle_path"]) / "metrics.json").read_text())
+    assert out["split_manifest"] == better["train"]["split_manifest"]
     assert out["metrics"]["n"] == bundle_metrics["n"]
     assert out["metrics"]["mcc"] == pytest.approx(bundle_metrics["mcc"], abs=1e-9)
     assert out["metrics"]["auroc"] == pytest.approx(bundle_metrics["auroc"], abs=1e-9)
     assert "last_evaluation" in mlflow_client().get_model_version(MODEL, "2").tags
     # all = every image of the sources: train and a train_only source included. (Another salt: a manifest
     # made with the training split config would pin the landed images to train for the next retrain.)
+    source = SourceConfig(path=str(street), kind="folder", name=street.name)
     extra = SourceConfig(path=str(new_images), kind="folder", name="extra", role="train_only")
     every = evaluate_bundle(model=better["train"]["bundle_path"], sources=[source, extra], split="all",
                             splits=SplitConfig(train=0.4, val=0.1, calib=0.2, test=0.3, salt="evaluate-all"),
-                            experiment="ops-test-eval")
+                            model_name=MODEL, experiment="ops-test-eval")
     _, parts, _ = read_split_manifest(every["split_manifest"])
     assert every["metrics"]["n"] == sum(len(v) for v in parts.values()) == 180 + 40
     assert every["bundle"]["version"] == ""
 
 
 @pytest.mark.slow
-def test_new_images_are_embedded_incrementally_and_judged_on_a_superset_test_split(scenario, street, new_images):
+def test_retrain_reads_the_configured_sources_plus_what_landed_and_keeps_reading_it(scenario, street, new_images):
     from flows.retrain import retrain
+    from stage1core.settings import landed_record, landed_sources
     from stage1core.splits import read_split_manifest
 
-    landed = retrain(**params(street, new_images))
-    _, old, _ = read_split_manifest(scenario["better"]["train"]["split_manifest"])
-    _, new, _ = read_split_manifest(landed["train"]["split_manifest"])
-    old_test, new_test = {s.sample_id for s in old["test"]}, {s.sample_id for s in new["test"]}
-    assert old_test < new_test  # the champion's test images are all still test images, plus new ones
-    assert landed["report"]["n_embedded"] == landed["train"]["features"]["n_computed"] == 40
-    assert landed["report"]["comparison"]["n_test"] == len(new_test)
-    assert landed["report"]["decision"] in ("promote", "keep") and landed["report"]["checks"]
+    path = scenario["files"]["better"]
+    assert landed_sources() == ()
+    payload = [{"path": str(new_images), "name": "batch-2", "role": "all", "kind": "folder"}]  # `stage1 ingest`'s
+    try:
+        landed = retrain(landed=payload, settings_file=path, trigger="event test")
+        assert landed["sources"] == [street.name, "batch-2"]  # configured + landed
+        run = mlflow_client().get_run(landed["train"]["mlflow_run_id"])
+        assert [s["name"] for s in json.loads(run.data.params["sources"])] == [street.name, "batch-2"]
+        _, old, _ = read_split_manifest(scenario["better"]["train"]["split_manifest"])
+        _, new, _ = read_split_manifest(landed["train"]["split_manifest"])
+        old_test, new_test = {s.sample_id for s in old["test"]}, {s.sample_id for s in new["test"]}
+        assert old_test < new_test  # the champion's test images are all still test images, plus new ones
+        assert landed["report"]["n_embedded"] == landed["train"]["features"]["n_computed"] == 40
+        assert landed["report"]["comparison"]["n_test"] == len(new_test)
+        assert landed["report"]["decision"] in ("promote", "keep") and landed["report"]["checks"]
+        assert [s.path for s in landed_sources()] == [str(new_images)]
+
+        # the nightly run (no event) still reads what landed; nothing new since: a no-op, no MLflow run
+        runs = n_runs()
+        nightly = retrain(settings_file=path, trigger="schedule")
+        assert nightly["sources"] == [street.name, "batch-2"]
+        assert nightly["no_op"] and nightly["challenger_version"] == landed["challenger_version"]
+        assert n_runs() == runs
+    finally:
+        landed_record().unlink(missing_ok=True)
 
 
 # the rule on predictions, without Prefect or MLflow
@@ -447,31 +511,51 @@ def test_a_head_that_loses_to_a_baseline_is_never_promoted(tmp_path):
         assert decision.promote is not loses and (verdict in decision.reason) is loses
 
 
-def test_one_floor_and_one_rule_for_the_cli_the_flows_and_the_deployments(monkeypatch):
-    import inspect
-
+def test_one_floor_and_one_rule_for_the_settings_the_cli_the_flows_and_the_deployments(monkeypatch, tmp_path):
     import flows.promote
     from deployments import cli
-    from deployments.serve import deployment_specs
-    from flows.retrain import retrain
+    from deployments.serve import load_project
+    from stage1core.settings import SettingsError, comparison_config, demo_settings, load_settings, metric_floor
 
-    assert inspect.signature(flows.promote.promote.fn).parameters["floor"].default == MetricFloor()
-    assert inspect.signature(retrain.fn).parameters["comparison"].default == ComparisonConfig()
+    # no settings file: stage1core.comparison's defaults are the rule and the floor
+    assert comparison_config(demo_settings()) == ComparisonConfig() and metric_floor(demo_settings()) == MetricFloor()
     assert ComparisonConfig().floor == MetricFloor()
+    # `stage1 settings init` writes every field of the rule at its default: what a team reads is what applies
+    monkeypatch.setenv("STAGE1_SETTINGS", str(tmp_path / "settings.toml"))
+    for preset in ("demo", "product"):
+        assert cli.main(["settings", "init", "--preset", preset, "--force"]) == 0
+        written = load_settings()
+        # (a field whose default is None, e.g. fnr_margin, is written as an "(unset)" comment: TOML has no null)
+        assert set(written.promotion) == {f.name for f in dataclasses.fields(ComparisonConfig)
+                                          if getattr(ComparisonConfig(), f.name) is not None}
+        text = (tmp_path / "settings.toml").read_text()
+        assert all(f"# {f.name} = (unset)" in text for f in dataclasses.fields(ComparisonConfig)
+                   if getattr(ComparisonConfig(), f.name) is None)
+        assert comparison_config(written) == ComparisonConfig()
+    # `stage1 promote` and `stage1 rollback` take the settings' model and floor; a flag replaces only its field
     asked = []
     monkeypatch.setattr(flows.promote, "promote", lambda **kw: asked.append(kw) or {
         "model_name": "m", "alias": "champion", "version": "3", "previous_version": "2", "action": "promote",
         "requested_by": "r"})
     assert cli.main(["promote", "3", "--reason", "r"]) == 0
     assert cli.main(["rollback", "--to", "2", "--reason", "r"]) == 0
-    assert [kw["floor"] for kw in asked] == [MetricFloor(), MetricFloor()]
+    assert [(kw["model_name"], kw["floor"]) for kw in asked] == [("stage1-roadwork", MetricFloor())] * 2
     assert asked[1]["version"] == "2" and asked[1]["rollback"]
+    settings_file(tmp_path / "settings.toml", promotion={"floor": {"min_mcc": 0.3}})
     assert cli.main(["promote", "3", "--reason", "r", "--min-auroc", "0.6"]) == 0
-    assert asked[2]["floor"] == MetricFloor(min_auroc=0.6)  # a flag replaces only its own field
-    specs = {s["name"]: s for s in deployment_specs()}
+    assert asked[2]["model_name"] == MODEL and asked[2]["floor"] == MetricFloor(min_mcc=0.3, min_auroc=0.6)
+    # [promotion] keys are ComparisonConfig's fields: an older rule's key or a bad value fails when read
+    for text, message in (("[promotion]\nrequire_significant = true\n",
+                           r"\[promotion\]: unknown key\(s\) \['require_significant'\]; ComparisonConfig has"),
+                          ("[promotion]\nfloor = {min_auroc = 2.0}\n", r"\[promotion\].floor: MetricFloor.min_auroc"),
+                          ("[promotion]\nmin_mcc_gain = 2.0\n", r"\[promotion\]: ComparisonConfig.min_mcc_gain")):
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(SettingsError, match=message):
+            load_settings(tmp_path / "bad.toml")
+    # the deployments set no rule and no floor of their own: the runs read the settings
+    raw = {s["name"]: s for s in load_project()["deployments"]}
     for name in ("retrain", "promote"):
-        flow_params = specs[name].get("parameters") or {}
-        assert "comparison" not in flow_params and "floor" not in flow_params, name  # the defaults above apply
+        assert not {"comparison", "floor", "promotion"} & set(raw[name].get("parameters") or {}), name
 
 
 def test_history_entries_rollback_targets_and_size():
@@ -520,14 +604,15 @@ def test_model_references():
 
 # deployments/prefect.yaml and `stage1 serve`
 
-def test_every_deployment_loads_and_its_parameters_fit_the_flow():
+def test_every_deployment_loads_and_its_parameters_fit_the_flow(tmp_path, monkeypatch):
     import inspect
 
     from prefect.flows import load_flow_from_entrypoint
 
-    from deployments.serve import WORK_POOLS, deployment_specs
+    from deployments.serve import WORK_POOLS, load_project, rendered_specs
 
-    specs = {s["name"]: s for s in deployment_specs()}
+    monkeypatch.setenv("STAGE1_SETTINGS", settings_file(tmp_path / "team.toml", tmp_path / "natix"))
+    specs = {s["name"]: s for s in rendered_specs()}  # what `prefect deploy` and `stage1 serve` register
     assert set(specs) == {"train-pipeline", "retrain", "promote", "evaluate-bundle"}
     for name, spec in specs.items():
         flow = load_flow_from_entrypoint(spec["entrypoint"])
@@ -536,14 +621,29 @@ def test_every_deployment_loads_and_its_parameters_fit_the_flow():
         assert set(params) <= set(inspect.signature(flow.fn).parameters), name
         required_at_run = {"promote": {"version": "3", "reason": "reviewed in MLflow"}}.get(name, {})
         validated = flow.validate_parameters({**params, **required_at_run})  # what Prefect does at run start
-        if name == "retrain":
-            assert validated["sources"][0].kind == "parquet"
+        if name == "train-pipeline":  # the form opens with the team settings
+            assert validated["sources"][0].path == str(tmp_path / "natix")
+            assert validated["backbone"] == team_settings().backbone and validated["registry"].model_name == MODEL
         assert spec["work_pool"]["name"] in WORK_POOLS and "stage1" in spec["tags"]
-        if "gpu" in spec["tags"]:
-            jobs = spec["work_pool"]["job_variables"]
-            assert spec["work_pool"]["name"] == "gpu" and WORK_POOLS["gpu"] == "docker"
-            assert jobs["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
-    assert specs["promote"]["work_pool"]["name"] == "cpu" and WORK_POOLS["cpu"] == "process"
+        assert spec["work_pool"]["name"] == ("cpu" if name == "promote" else "gpu")
+    # no team values in prefect.yaml itself: retrain, promote and evaluate-bundle read the settings at run time
+    raw = {s["name"]: s for s in load_project()["deployments"]}
+    assert raw["retrain"]["parameters"] == {"trigger": "schedule"}
+    assert "floor" not in raw["promote"]["parameters"] and "sources" not in raw["evaluate-bundle"]["parameters"]
+    assert WORK_POOLS == {"cpu": "process", "gpu": "process"}
+
+
+def test_process_pools_get_this_hosts_state_tracking_and_settings(monkeypatch, tmp_path):
+    from deployments.serve import rendered_specs
+
+    monkeypatch.setenv("STAGE1_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:15000")
+    monkeypatch.setenv("STAGE1_SETTINGS", settings_file(tmp_path / "team.toml", tmp_path / "natix"))
+    for spec in rendered_specs():
+        # the docker job variables of the compose setup (docker/prefect.yaml) are nowhere here
+        assert spec["work_pool"]["job_variables"] == {"env": {
+            "STAGE1_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": "http://127.0.0.1:15000",
+            "STAGE1_SETTINGS": str(tmp_path / "team.toml")}}, spec["name"]
 
 
 def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
@@ -557,21 +657,78 @@ def test_retrain_is_scheduled_and_triggered_by_data_landed_events():
     (trigger,) = retrain.triggers
     assert isinstance(trigger, DeploymentEventTrigger) and trigger.expect == {"stage1.data.landed"}
     assert "{{ event.id }}" in trigger.parameters["trigger"]
+    # what landed reaches the run as structured parameters (a single expression keeps its JSON type)
+    assert trigger.parameters["landed"] == "{{ event.payload.landed }}"
     assert deployments["train-pipeline"].concurrency_limit == 1
     assert not deployments["promote"].schedules and not deployments["promote"].triggers
 
 
 @pytest.mark.slow
-def test_ingest_emits_the_data_landed_event(prefect_server, tiny_demo, monkeypatch, capsys):
+def test_ingest_emits_the_data_landed_event_with_what_landed(prefect_server, tiny_demo, monkeypatch, capsys):
     from deployments import cli
+    from flows.retrain import retrain
 
     sent = []
     import prefect.events
 
     real = prefect.events.emit_event
     monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw) or real(**kw))
-    assert cli.main(["ingest", str(tiny_demo), "--source-name", "natix", "--note", "batch 7"]) == 0
+    assert cli.main(["ingest", str(tiny_demo), "--source-name", "natix", "--note", "batch 7",
+                     "--role", "train_only"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["event"] == "stage1.data.landed" and out["resource"] == "stage1.source.natix"
-    assert out["n_files"] >= 120 and sent[0]["payload"]["note"] == "batch 7"
+    # 120 images: labels.csv and demo.json beside them are not counted
+    assert out["n_images"] == 120 and sent[0]["payload"]["n_images"] == 120
+    assert sent[0]["payload"]["note"] == "batch 7"
+    landed = sent[0]["payload"]["landed"]
+    assert landed == [{"path": str(tiny_demo), "name": "natix", "role": "train_only", "kind": "folder"}]
+    (source,) = retrain.validate_parameters({"landed": landed})["landed"]  # the trigger hands it over as is
+    assert isinstance(source, SourceConfig) and source.role == "train_only" and source.name == "natix"
     assert cli.main(["ingest", str(tiny_demo / "missing")]) == 2
+    assert cli.main(["ingest", str(tiny_demo / "roadwork")]) == 2  # not a source layout: said now, not at 02:00
+    assert "nothing was announced" in capsys.readouterr().err
+
+
+# the run forms: small where it matters, every field described, closed sets as enums
+
+def _schema(flow):
+    from prefect.utilities.callables import parameter_schema
+
+    return parameter_schema(flow.fn).model_dump()
+
+
+def test_the_retrain_form_holds_only_what_changes_per_run():
+    from flows.retrain import retrain
+
+    schema = _schema(retrain)
+    assert list(schema["properties"]) == ["landed", "auto_promote", "settings_file", "trigger"]
+    assert all(p.get("description") for p in schema["properties"].values())
+    assert set(schema["definitions"]) == {"SourceConfig"}
+
+
+def test_every_form_field_has_a_description_and_closed_sets_are_enums():
+    from flows.evaluate_bundle import evaluate_bundle
+    from flows.promote import promote
+    from flows.retrain import retrain
+    from flows.train_pipeline import train_pipeline
+
+    missing = []
+    for flow in (train_pipeline, retrain, promote, evaluate_bundle):
+        schema = _schema(flow)
+        missing += [f"{flow.name}.{k}" for k, v in schema["properties"].items() if not v.get("description")]
+        for name, definition in schema["definitions"].items():
+            missing += [f"{name}.{k}" for k, v in definition["properties"].items() if not v.get("description")]
+    assert missing == []
+    defs = _schema(train_pipeline)["definitions"]
+
+    def enum(cls, field):
+        prop = defs[cls]["properties"][field]
+        return prop.get("enum") or next(p["enum"] for p in prop.get("anyOf", []) if "enum" in p)
+
+    assert enum("SourceConfig", "kind") == ["auto", "folder", "csv", "json", "parquet"]
+    assert enum("SourceConfig", "role") == ["all", "train_only"]
+    assert enum("BackboneConfig", "weights") == ["pretrained", "random", "efficientnet-lite0-package", "file"]
+    assert enum("FinetuneConfig", "precision") == ["fp32", "bf16"]
+    assert enum("FinetuneConfig", "optimizer") == ["fsam", "adamw"]
+    assert enum("AdapterConfig", "method") == ["lora", "dora"]
+    assert _schema(evaluate_bundle)["properties"]["split"]["enum"] == ["test", "calib", "val", "train", "all"]

@@ -1,7 +1,9 @@
 """Real servers: `prefect server start` and `mlflow server` on loopback ports with SQLite under a tmp
-dir, a process work pool, deployments from deployments/prefect.yaml (`prefect deploy`), a worker that
-executes `train-pipeline` on tiny data, the `stage1.data.landed` trigger starting `retrain`; then
-checks the flow run in the Prefect API and the registered version in the MLflow server.
+dir, and a team install done as docs/operations.md says: a team settings file, `stage1 serve
+--setup-only` (process pools), `prefect deploy --prefect-file deployments/prefect.yaml --all` as is,
+a process worker on the `gpu` pool; then train-pipeline from the form's defaults (the team settings),
+and `stage1 ingest <new folder>` -> retrain on the configured source plus that folder -> a registered,
+judged version. Also: stopping `stage1 serve` with SIGTERM leaves the schedule active.
 
 Everything runs in subprocesses with their own environment (the test session's Prefect settings are
 never touched); every wait is bounded (by tests.common.HANG_TIMEOUT_S: a bound on a hang, generous enough for
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.common import HANG_TIMEOUT_S, TINY_EVA
 
@@ -142,18 +143,28 @@ def servers(tmp_path_factory):
                "tmp": tmp}
 
 
-def tiny_parameters(data: Path, *, experiment: str = "servers-test", model_name: str = MODEL) -> dict:
-    """tests/test_flow.py's tiny run as JSON parameters: random-init tiny Eva, tiny demo data, 4 epochs."""
-    return {
-        "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
-        "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
-        "backbone": {"name": "vit_small_patch16_dinov3", "weights": "random", "pooling": "cls+avg",
-                     "model_kwargs": dict(TINY_EVA), "input_size": 32},
-        "features": {"batch_size": 32, "num_workers": 0},
-        "train": {"epochs": 4, "batch_size": 32},
-        "guarantee": {"alpha": 0.2, "delta": 0.2},
-        "registry": {"experiment": experiment, "model_name": model_name},
-    }
+def write_team_settings(env: dict[str, str], data: Path) -> Path:
+    """The team settings of this install: tiny data, a random-init tiny Eva, a loose guarantee."""
+    from stage1core.backbone import BackboneConfig
+    from stage1core.features import FeatureConfig
+    from stage1core.guarantees import GuaranteeConfig
+    from stage1core.settings import TeamSettings, write_settings
+    from stage1core.sources import SourceConfig
+    from stage1core.splits import SplitConfig
+    from stage1core.train import TrainConfig
+
+    settings = TeamSettings(
+        model_name=MODEL, experiment="servers-test",
+        sources=(SourceConfig(path=str(data), kind="folder", name="tiny"),),
+        splits=SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15),
+        backbone=BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                                model_kwargs=dict(TINY_EVA), input_size=32),
+        features=FeatureConfig(batch_size=32, num_workers=0),
+        train=TrainConfig(epochs=4, batch_size=32),
+        guarantee=GuaranteeConfig(alpha=0.2, delta=0.2),
+        promotion={"n_bootstrap": 500, "floor": {"min_mcc": -1.0, "min_auroc": 0.0}},
+    )
+    return write_settings(settings, Path(env["STAGE1_HOME"]) / "settings.toml", force=True)
 
 
 def flow_run(api: str, run_id: str) -> dict:
@@ -165,91 +176,117 @@ def runs_of(api: str, deployment_id: str) -> list[dict]:
     return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=HTTP_TIMEOUT_S).raise_for_status().json()
 
 
-def test_worker_runs_the_deployed_pipeline_and_an_event_triggers_retrain(servers, tiny_demo):
+def deployments_of(api: str) -> dict[str, dict]:
+    return {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=HTTP_TIMEOUT_S).json()}
+
+
+def wait_for_run(api: str, run_id: str, procs: Processes, observed: list[str], timeout: float = HANG_TIMEOUT_S) -> dict:
+    def finished():
+        state = flow_run(api, run_id)["state"]
+        if state["name"] not in observed:
+            observed.append(state["name"])
+        return state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and state
+
+    state = wait_until(finished, timeout=timeout, every=0.5, what=f"flow run {run_id}\n{procs.tail('worker')}")
+    assert state["type"] == "COMPLETED", procs.tail("worker", 8000)
+    return state
+
+
+def test_stopping_serve_leaves_the_deployments_and_the_schedule_active(servers, tiny_demo):
+    """SIGTERM (systemctl stop, Ctrl-C) must not pause the nightly retrain, as Prefect's serve does by default."""
+    env, api, procs = servers["env"], servers["api"], servers["procs"]
+    write_team_settings(env, tiny_demo)
+    serve = procs.start("serve", [sys.executable, "-m", "deployments.cli", "serve", "retrain"], env)
+
+    def served():
+        d = deployments_of(api).get("retrain")
+        return d if d and d["schedules"] and "Your deployments are being served" in procs.tail("serve") else None
+
+    before = wait_until(served, timeout=HANG_TIMEOUT_S, what=f"stage1 serve\n{procs.tail('serve')}")
+    assert not before["paused"] and before["schedules"][0]["active"]
+    os.killpg(serve.pid, signal.SIGTERM)
+    serve.wait(60)
+    after = deployments_of(api)["retrain"]
+    assert not after["paused"], f"SIGTERM paused the deployment:\n{procs.tail('serve')}"
+    assert after["schedules"][0]["active"] and after["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+
+
+def test_a_team_install_deploys_trains_and_retrains_on_what_landed(servers, tiny_demo, tmp_path):
     from mlflow.tracking import MlflowClient
+
+    from stage1core.demo import DemoConfig, generate_demo_dataset
 
     env, api, procs = servers["env"], servers["api"], servers["procs"]
     observed: dict = {}
-    run([exe("prefect"), "work-pool", "create", "ci-process", "--type", "process"], env)
-    # the gpu pool of prefect.yaml is docker type and its job env names the compose hosts: deploy the same
-    # file with only those site-specific job variables swapped for these servers (and --pool ci-process)
-    project = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    for spec in project["deployments"]:
-        spec["work_pool"] = {"name": "ci-process", "job_variables": {"env": {
-            k: env[k] for k in ("STAGE1_HOME", "MLFLOW_TRACKING_URI", "PYTHONPATH")}}}
-    local_yaml = servers["tmp"] / "prefect.yaml"
-    local_yaml.write_text(yaml.safe_dump(project))
+    settings = write_team_settings(env, tiny_demo)
+    observed["setup"] = json.loads(run([sys.executable, "-m", "deployments.cli", "serve", "--setup-only"], env))
+    assert observed["setup"]["gpu"].endswith("(process)") and observed["setup"]["cpu"].endswith("(process)")
     started = time.monotonic()
-    run([exe("prefect"), "--no-prompt", "deploy", "--prefect-file", str(local_yaml), "--name", "train-pipeline",
-         "--name", "retrain"], env)
+    run([exe("prefect"), "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env,
+        timeout=HANG_TIMEOUT_S)
     observed["deploy_seconds"] = round(time.monotonic() - started, 1)
-    deployments = {d["name"]: d
-                   for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=HTTP_TIMEOUT_S).json()}
-    assert set(deployments) == {"train-pipeline", "retrain"}
+    deployments = deployments_of(api)
+    assert set(deployments) == {"train-pipeline", "retrain", "promote", "evaluate-bundle"}
     assert deployments["retrain"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
-    observed["deployments"] = {n: {"work_pool": d["work_pool_name"], "entrypoint": d["entrypoint"],
-                                   "tags": d["tags"]} for n, d in deployments.items()}
+    # a process pool runs with this host's state and tracking server, not the compose setup's
+    for name, d in deployments.items():
+        assert d["work_pool_name"] == ("cpu" if name == "promote" else "gpu")
+        assert d["job_variables"] == {"env": {"STAGE1_HOME": env["STAGE1_HOME"],
+                                              "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}}, name
+    # the train-pipeline form opens with the team settings
+    form = deployments["train-pipeline"]["parameters"]
+    assert form["sources"][0]["path"] == str(tiny_demo) and form["registry"]["model_name"] == MODEL
+    observed["deployments"] = {n: {"work_pool": d["work_pool_name"], "job_variables": d["job_variables"],
+                                   "parameters": sorted(d["parameters"])} for n, d in deployments.items()}
 
+    worker = procs.start("worker", [exe("prefect"), "worker", "start", "--pool", "gpu", "--type", "process",
+                                    "--limit", "1"], env)
     created = httpx.post(f"{api}/deployments/{deployments['train-pipeline']['id']}/create_flow_run",
-                         json={"parameters": tiny_parameters(tiny_demo)},
-                         timeout=HTTP_TIMEOUT_S).raise_for_status().json()
-    run_id = created["id"]
+                         json={}, timeout=HTTP_TIMEOUT_S).raise_for_status().json()  # the form as it opens
     started = time.monotonic()
-    observed["states"] = [flow_run(api, run_id)["state"]["name"]]
-    worker = procs.start("worker", [exe("prefect"), "worker", "start", "--pool", "ci-process", "--type", "process",
-                                    "--run-once", "--limit", "1"], env)
-
-    def finished():
-        state = flow_run(api, run_id)["state"]
-        if state["name"] not in observed["states"]:
-            observed["states"].append(state["name"])
-        return state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and state
-
-    state = wait_until(finished, timeout=HANG_TIMEOUT_S, every=0.5,
-                       what=f"flow run {run_id}\n{procs.tail('worker')}")
-    assert state["type"] == "COMPLETED", procs.tail("worker")
-    observed["run_seconds"] = round(time.monotonic() - started, 1)
-    try:
-        worker.wait(HANG_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        procs.stop(worker)
-
-    def task_states():
-        # the server records task runs from the worker's events asynchronously: a completed flow run's
-        # task runs may still be missing or stateless for a moment (longer on a loaded machine)
-        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}},
-                           timeout=HTTP_TIMEOUT_S).raise_for_status().json()
-        states = {f"{t['name'].rsplit('-', 1)[0]}: {(t.get('state') or {}).get('name')}" for t in tasks}
-        return {"extract_features: Completed", "register_bundle: Completed"} <= states and sorted(states)
-
-    observed["task_states"] = wait_until(task_states, timeout=HANG_TIMEOUT_S, every=0.5,
-                                         what=f"task runs of {run_id}")
-
+    observed["train_states"] = [flow_run(api, created["id"])["state"]["name"]]
+    wait_for_run(api, created["id"], procs, observed["train_states"])
+    observed["train_seconds"] = round(time.monotonic() - started, 1)
     mc = MlflowClient(tracking_uri=servers["mlflow"])
-    version = mc.get_model_version_by_alias(MODEL, "challenger")
-    assert version.tags["prefect_flow_run_id"] == run_id
-    mlflow_run = mc.get_run(version.run_id)
-    assert mlflow_run.info.status == "FINISHED" and "test/mcc" in mlflow_run.data.metrics
-    assert {a.path for a in mc.list_artifacts(version.run_id, "bundle")} >= {"bundle/manifest.json"}
-    observed["registry"] = {"model": MODEL, "version": str(version.version), "aliases": list(version.aliases),
-                            "tags": {k: version.tags[k] for k in ("prefect_flow_run_id", "test_mcc", "test_auroc",
-                                                                   "bundle_fingerprint", "policy")
-                                     if k in version.tags},
-                            "mlflow_run_status": mlflow_run.info.status}
+    first = mc.get_model_version_by_alias(MODEL, "challenger")
+    assert first.tags["prefect_flow_run_id"] == created["id"]
+    assert {a.path for a in mc.list_artifacts(first.run_id, "bundle")} >= {"bundle/manifest.json"}
 
-    # the event trigger: `stage1 ingest` emits stage1.data.landed, the server schedules a retrain run
-    out = run([sys.executable, "-m", "deployments.cli", "ingest", str(tiny_demo), "--source-name", "tiny"], env)
+    # new images land in a new folder: `stage1 ingest` -> event -> retrain on tiny + the new folder
+    landed = tmp_path / "batch-2"
+    generate_demo_dataset(landed, DemoConfig(n_images=40, seed=11, n_large=0, png_fraction=0.1, exif_fraction=0.0))
+    out = run([sys.executable, "-m", "deployments.cli", "ingest", str(landed), "--source-name", "batch-2"], env)
     event = json.loads(out.strip().splitlines()[-1])
-    # the nightly schedule's runs (trigger "schedule") may be listed too, depending on the time of day
-    triggered = wait_until(lambda: [r for r in runs_of(api, deployments["retrain"]["id"])
-                                    if r["parameters"].get("trigger") != "schedule"], timeout=HANG_TIMEOUT_S, every=1,
-                           what="a retrain run from the stage1.data.landed trigger")
-    observed["trigger"] = {"event": event, "retrain_run": {"state": triggered[0]["state"]["name"],
-                                                           "parameters": {"trigger": triggered[0]["parameters"]
-                                                                          .get("trigger")}}}
-    assert event["id"] in triggered[0]["parameters"]["trigger"]
-    httpx.post(f"{api}/flow_runs/{triggered[0]['id']}/set_state",  # not executed here: cancel it
-               json={"state": {"type": "CANCELLED", "name": "Cancelled"}, "force": True}, timeout=HTTP_TIMEOUT_S)
+    assert event["n_images"] == 40 and event["landed"]["path"] == str(landed)
+
+    def from_the_event():  # the schedule has also created the coming nights' runs
+        return [r for r in runs_of(api, deployments["retrain"]["id"])
+                if r["parameters"].get("trigger", "").startswith("event")]
+
+    (retrain_run,) = wait_until(from_the_event, timeout=HANG_TIMEOUT_S, every=1,
+                                what="a retrain run from the stage1.data.landed trigger")
+    assert event["id"] in retrain_run["parameters"]["trigger"]
+    assert retrain_run["parameters"]["landed"] == [{"path": str(landed), "name": "batch-2", "role": "all",
+                                                    "kind": "folder"}]
+    started = time.monotonic()
+    observed["retrain_states"] = [retrain_run["state"]["name"]]
+    wait_for_run(api, retrain_run["id"], procs, observed["retrain_states"])
+    observed["retrain_seconds"] = round(time.monotonic() - started, 1)
+
+    challenger = mc.get_model_version_by_alias(MODEL, "challenger")
+    assert challenger.version != first.version
+    trained = mc.get_run(challenger.run_id)
+    sources = json.loads(trained.data.params["sources"])
+    assert [(s["name"], s["path"]) for s in sources] == [("tiny", str(tiny_demo)), ("batch-2", str(landed))]
+    assert trained.data.tags["settings.origin"] == str(settings)
+    assert challenger.tags["retrain.decision"] in ("promote", "keep") and challenger.tags["retrain.reason"]
+    observed["registry"] = {"model": MODEL, "first": first.version, "challenger": challenger.version,
+                            "decision": challenger.tags["retrain.decision"],
+                            "reason": challenger.tags["retrain.reason"],
+                            "champion": mc.get_model_version_by_alias(MODEL, "champion").version,
+                            "sources": [s["name"] for s in sources]}
+    observed["trigger"] = {"event": event, "retrain_parameters": retrain_run["parameters"]}
+    procs.stop(worker)
     report = os.environ.get("STAGE1_SERVERS_REPORT")
     if report:
         Path(report).write_text(json.dumps(observed, indent=2))
