@@ -25,6 +25,10 @@ STANDALONE = ["extraction_vs_timm_loop", "large_jpeg_decode", "precision_bf16", 
 
 def run_bench(name: str, tmp_path: Path, timeout: float = HANG_TIMEOUT_S) -> str:
     env = {**os.environ, "STAGE1_BENCH_DATA": str(tmp_path.parent / "bench-data")}
+    # a bench is a script run from a shell, which imports its helpers (bench/_common.py) from its own
+    # folder; the test session's environment carries stage1's PYTHONSAFEPATH=1 (stage1core.home), which
+    # is meant for stage1's own children and would drop that folder from the path
+    env.pop("PYTHONSAFEPATH", None)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

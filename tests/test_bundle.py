@@ -68,7 +68,7 @@ def test_pyfunc_model_serves_base64_images_as_the_predictor_does(built):
     from tasks.pyfunc_model import BundleModel
 
     model = BundleModel()
-    model.load_context(SimpleNamespace(artifacts={"bundle": built["bundle"].path}))
+    model.load_context(SimpleNamespace(artifacts={"bundle": built["bundle"].path}, model_config={}))
     paths = [s.locator for s in built["samples"][:3]]
     frame = pd.DataFrame({"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]})
     out = model.predict(None, frame)

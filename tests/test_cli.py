@@ -65,14 +65,26 @@ def test_ui_mlflow_with_a_tracking_server_points_at_it_instead_of_crashing(monke
     assert cli.main(["ui", "mlflow"]) == 0
     out = capsys.readouterr().out
     assert "http://127.0.0.1:15000" in out and "the server is the UI" in out
-    import socket
+    import http.server
+    import threading
 
-    with socket.socket() as listening:  # a running server: point at it
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
-        port = listening.getsockname()[1]
+    class Health(http.server.BaseHTTPRequestHandler):  # a running server answers HTTP
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
         monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
         assert cli.main(["ui", "prefect"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
     assert f"open http://127.0.0.1:{port} in a browser" in capsys.readouterr().out
     started = []  # nothing listens there any more: start the server where the setting says it is
     monkeypatch.setattr(cli.os, "execvpe", lambda exe, cmd, env: started.append(cmd))
