@@ -66,7 +66,7 @@ def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dic
         "policy": replace(settings.policy, policy=policy),
         "registry": RegistryConfig(register=not baseline and policy == "threshold",
                                    bundle_name="demo-random-init" if baseline else (
-                                       "stage1-roadwork" if policy == "threshold" else f"demo-{policy}")),
+                                       settings.model_name if policy == "threshold" else f"demo-{policy}")),
     }
 
 
@@ -129,7 +129,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_uis() -> None:
     print("\nOpen the UIs on this state:")
-    print("  stage1 ui mlflow    # MLflow UI at http://127.0.0.1:5000 (runs, registered model 'stage1-roadwork')")
+    from stage1core.settings import load_settings
+
+    print(f"  stage1 ui mlflow    # MLflow UI at http://127.0.0.1:5000 (runs, registered model "
+          f"'{load_settings().model_name}')")
     print("  stage1 ui prefect   # Prefect UI at http://127.0.0.1:4200 (flow runs, task cache, artifacts)")
 
 
@@ -215,9 +218,10 @@ def _bundle_for_prediction(ref: str) -> tuple[str, str | None]:
     if not ref.startswith("models:/"):
         return ref, None
     prepare_home()
+    from stage1core.settings import load_settings
     from tasks.registry import fetch_bundle, get_version, parse_model_ref
 
-    name, version, alias = parse_model_ref(ref, "stage1-roadwork")
+    name, version, alias = parse_model_ref(ref, load_settings().model_name)
     mv = get_version(name, version=version, alias=alias)
     if mv is None:
         raise ValueError(f"{ref}: no such registered version in "
@@ -746,6 +750,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stage1core.settings import TeamSettings
+
     parser = argparse.ArgumentParser(
         prog="stage1", formatter_class=_Help, epilog=ENVIRONMENT,
         description="stage1 trains, calibrates, registers and serves a roadwork / no-roadwork image "
@@ -812,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="pretrained, random, efficientnet-lite0-package or a weights file "
                                      "(default: the preset's)")
     q.add_argument("--pooling", choices=["cls", "avg", "cls+avg"], help="feature pooling (default: the preset's)")
-    q.add_argument("--model-name", help="registered MLflow model (default: stage1-roadwork)")
+    q.add_argument("--model-name", help=f"registered MLflow model (default: {TeamSettings().model_name})")
     q.add_argument("--force", action="store_true", help="replace an existing file")
 
     p = add("ui", "open the MLflow or Prefect UI on this state (or say where the server's UI is)", cmd_ui)

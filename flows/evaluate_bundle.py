@@ -12,13 +12,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from stage1core.bundle import load_bundle, read_manifest
-from stage1core.comparison import coverage_at_fnr, fmt
+from stage1core.comparison import coverage_at_fnr
 from stage1core.fingerprint import fingerprint
 from stage1core.home import home_path
 from stage1core.metrics import binary_metrics
 from stage1core.plots import plot_fnr_fpr
 from stage1core.sources import SourceConfig, read_bytes
 from stage1core.splits import SPLITS, SplitConfig, read_split_manifest, samples_of
+from stage1core.text import num
 from tasks.pipeline import build_splits
 from tasks.registry import fetch_bundle, get_version, parse_model_ref
 from tasks.tracking import client, end_mlflow_run, start_mlflow_run
@@ -122,19 +123,19 @@ def evaluate_bundle(
     end_mlflow_run(run["run_id"])
     if bundle["version"]:
         mc.set_model_version_tag(bundle["model_name"], bundle["version"], "last_evaluation",
-                                 f"{split} of data {split_ref.data_fingerprint[:12]}: MCC {fmt(metrics['mcc'])}, "
+                                 f"{split} of data {split_ref.data_fingerprint[:12]}: MCC {num(metrics['mcc'])}, "
                                  f"n={metrics['n']} (run {run['run_id']})")
     keys = ("mcc", "accuracy", "auroc", "fnr", "fpr", "coverage_at_fnr", "policy", "coverage", "selective_fnr",
             "ece_calibrated", "n", "n_pos", "threshold")
-    create_table_artifact(key="bundle-evaluation", table=[{"metric": k, "value": fmt(metrics.get(k))} for k in keys],
+    create_table_artifact(key="bundle-evaluation", table=[{"metric": k, "value": num(metrics.get(k))} for k in keys],
                           description=f"{label} on the {split} split of {[s.name for s in sources]}")
     create_markdown_artifact(
         key="bundle-evaluation-summary",
         markdown=(f"# {label} on {split}\n\n{metrics['n']} images ({metrics['n_pos']} roadwork), data "
-                  f"`{split_ref.data_fingerprint[:16]}`. MCC {fmt(metrics['mcc'])}, AUROC {fmt(metrics['auroc'])}, "
-                  f"FNR {fmt(metrics['fnr'])} (guaranteed ≤ {scored['alpha']} on data like the calib split), "
-                  f"coverage at that FNR {fmt(metrics['coverage_at_fnr'])}.\n\n[MLflow run]({run['url']})\n"),
+                  f"`{split_ref.data_fingerprint[:16]}`. MCC {num(metrics['mcc'])}, AUROC {num(metrics['auroc'])}, "
+                  f"FNR {num(metrics['fnr'])} (guaranteed ≤ {scored['alpha']} on data like the calib split), "
+                  f"coverage at that FNR {num(metrics['coverage_at_fnr'])}.\n\n[MLflow run]({run['url']})\n"),
         description="evaluate-bundle")
-    get_run_logger().info("%s on %s: MCC %s over %s images", label, split, fmt(metrics["mcc"]), metrics["n"])
+    get_run_logger().info("%s on %s: MCC %s over %s images", label, split, num(metrics["mcc"]), metrics["n"])
     return {"metrics": metrics, "bundle": bundle, "mlflow_run_id": run["run_id"], "data_fingerprint":
             split_ref.data_fingerprint, "split_manifest": split_ref.path}

@@ -11,14 +11,7 @@ import numpy as np
 
 from .backbone import BackboneSpec
 from .policy import FittedPolicy, calibrated_positive
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "n/a" if value is None else str(value)
-    if isinstance(value, float):
-        return "n/a" if not math.isfinite(value) else f"{value:.4f}"
-    return str(value)
+from .text import num
 
 
 def calibrated_at(policy_files: dict[str, dict[str, Any]], p_raw: float) -> float:
@@ -53,7 +46,7 @@ def decision_rule(policy_files: dict[str, dict[str, Any]], metrics: dict[str, An
                 f"the Platt-calibrated gate says P(argmax correct) >= {policy['gate_min_confidence']}; otherwise "
                 "abstain. **No statistical guarantee** for this policy: the FNR-guaranteed threshold "
                 f"{t:.6f} is fitted and stored in thresholds.json but not applied (test coverage "
-                f"{_fmt(metrics.get('coverage'))}, FNR among accepted {_fmt(metrics.get('selective_fnr'))}).\n\n"
+                f"{num(metrics.get('coverage'))}, FNR among accepted {num(metrics.get('selective_fnr'))}).\n\n"
                 f"{reported}")
     scrc = policy_files["scrcparams.json"]
     score = "the gate probability" if scrc.get("score") == "gate" else "max(p_raw, 1 - p_raw)"
@@ -84,11 +77,11 @@ def _baseline_section(baselines: dict[str, Any] | None) -> str:
     if not baselines:
         return "Baselines were not scored for this run."
     head = baselines["head"]
-    rows = [f"| **head** | {_fmt(head['accuracy_at_0.5'])} | {_fmt(head['mcc_at_0.5'])} | {_fmt(head['auroc'])} | "
-            f"{_fmt(head['brier'])} | {_fmt(head.get('chosen', 'see above'))} |"]
+    rows = [f"| **head** | {num(head['accuracy_at_0.5'])} | {num(head['mcc_at_0.5'])} | {num(head['auroc'])} | "
+            f"{num(head['brier'])} | {num(head.get('chosen', 'see above'))} |"]
     for name, m in baselines["baselines"].items():
-        rows.append(f"| {name} | {_fmt(m['accuracy_at_0.5'])} | {_fmt(m['mcc_at_0.5'])} | {_fmt(m['auroc'])} | "
-                    f"{_fmt(m['brier'])} | {m['chosen']} |")
+        rows.append(f"| {name} | {num(m['accuracy_at_0.5'])} | {num(m['mcc_at_0.5'])} | {num(m['auroc'])} | "
+                    f"{num(m['brier'])} | {m['chosen']} |")
     comp = baselines["comparison"]
     verdict = (f"> **WARNING: {comp['verdict']}.** This version is tagged `quality=loses_to_baseline` and "
                "`retrain` never promotes it." if comp["loses"] else f"Verdict: {comp['verdict']}.")
@@ -115,7 +108,7 @@ def model_card(*, name: str, spec: BackboneSpec, backbone_mode: str, data: dict[
     if data.get("n_groups") is not None:
         groups = (f" Near-duplicate / drive groups: {data['n_groups']} groups, the largest {data['largest_group']} "
                   "images; a group never spans two splits.")
-    m = lambda key: _fmt(metrics.get(key))
+    m = lambda key: num(metrics.get(key))
     images = (f"{data['n_samples']} unique images ({data['duplicates']} duplicates collapsed, "
               f"{data['quarantined']} quarantined).{groups}")
     return f"""# {name}: roadwork classifier bundle

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from stage1core.config import describe_fields
+from stage1core.text import num, signed
 
 
 @describe_fields
@@ -225,11 +226,11 @@ def check_floor(metrics: dict[str, Any], floor: MetricFloor, *, alpha: float) ->
     mcc, auroc, fnr = metrics.get("mcc"), metrics.get("auroc"), metrics.get("fnr")
     max_fnr = alpha if floor.max_fnr is None else floor.max_fnr
     if mcc is None or mcc < floor.min_mcc:
-        problems.append(f"test MCC {fmt(mcc)} is below the floor {floor.min_mcc}")
+        problems.append(f"test MCC {num(mcc)} is below the floor {floor.min_mcc}")
     if auroc is None or auroc < floor.min_auroc:
-        problems.append(f"test AUROC {fmt(auroc)} is below the floor {floor.min_auroc}")
+        problems.append(f"test AUROC {num(auroc)} is below the floor {floor.min_auroc}")
     if fnr is None or fnr > max_fnr:
-        problems.append(f"test FNR {fmt(fnr)} is above the allowed {max_fnr}")
+        problems.append(f"test FNR {num(fnr)} is above the allowed {max_fnr}")
     return problems
 
 
@@ -282,11 +283,11 @@ def decide(comparison: dict[str, Any] | None, config: ComparisonConfig, *, floor
               f"{mcc['estimate']:+.4f}, {level} lower bound {mcc['low']:+.4f} "
               f"{'>' if mcc['low'] > config.min_mcc_gain else '<='} {config.min_mcc_gain:+.4f}")
         check("AUROC non-inferior", auroc["low"] > -config.auroc_margin,
-              f"change {fmt_signed(auroc['estimate'])}, {level} lower bound {fmt_signed(auroc['low'])} "
+              f"change {signed(auroc['estimate'])}, {level} lower bound {signed(auroc['low'])} "
               f"{'>' if auroc['low'] > -config.auroc_margin else '<='} {-config.auroc_margin:+.4f}")
         margin = config.fnr_margin_for(alpha)
         check("FNR non-inferior", fnr["high"] < margin,
-              f"increase {fmt_signed(fnr['estimate'])}, {level} upper bound {fmt_signed(fnr['high'])} "
+              f"increase {signed(fnr['estimate'])}, {level} upper bound {signed(fnr['high'])} "
               f"{'<' if fnr['high'] < margin else '>='} {margin:+.4f}")
     failed = [c for c in checks if not c["passed"]]
     if failed:
@@ -306,16 +307,6 @@ def decide(comparison: dict[str, Any] | None, config: ComparisonConfig, *, floor
 # reports
 
 
-def fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "n/a" if not np.isfinite(v) else f"{v:.4f}"
-    return "n/a" if v is None else str(v)
-
-
-def fmt_signed(v: Any) -> str:
-    return f"{v:+.4f}" if isinstance(v, float) and np.isfinite(v) else "n/a"
-
-
 def comparison_table(report: dict[str, Any]) -> list[dict[str, str]]:
     """Challenger and champion side by side (rows: metrics)."""
     comp = report.get("comparison")
@@ -326,7 +317,7 @@ def comparison_table(report: dict[str, Any]) -> list[dict[str, str]]:
         ch = comp["challenger"].get(key) if comp else report["challenger_metrics"].get(key)
         cp = comp["champion"].get(key) if comp else None
         delta = ch - cp if isinstance(ch, float) and isinstance(cp, float) else None
-        rows.append({"metric": label, "challenger": fmt(ch), "champion": fmt(cp),
+        rows.append({"metric": label, "challenger": num(ch), "champion": num(cp),
                      "difference": "n/a" if delta is None else f"{delta:+.4f}"})
     return rows
 
@@ -348,8 +339,8 @@ def comparison_markdown(report: dict[str, Any]) -> str:
             "", "| difference (challenger − champion) | estimate | lower bound | upper bound |", "|---|---|---|---|"]
         for key, label in (("mcc_gain", "MCC"), ("auroc_gain", "AUROC"), ("fnr_increase", "FNR")):
             d = comp[key]
-            lines.append(f"| {label} | {fmt_signed(d['estimate'])} | {fmt_signed(d['low'])} | "
-                         f"{fmt_signed(d['high'])} |")
+            lines.append(f"| {label} | {signed(d['estimate'])} | {signed(d['low'])} | "
+                         f"{signed(d['high'])} |")
         lines.append("")
     if report.get("checks"):
         lines += ["| check | passed | detail |", "|---|---|---|"]

@@ -12,7 +12,6 @@ GPU context the child needs.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import signal
@@ -40,6 +39,7 @@ from stage1core.finetune import (
 from stage1core.fingerprint import fingerprint
 from stage1core.heads import HeadConfig
 from stage1core.home import home_path
+from tasks.logs import run_logger
 
 from .caching import OutputCache
 from .pipeline import SplitRef
@@ -192,16 +192,6 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, time
         reader.join(timeout=5.0)
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as .fn() outside a flow, e.g. in tests
-        return logging.getLogger(__name__)
-
-
 def finetune_fingerprint(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, finetune: FinetuneConfig,
                          launch: LaunchConfig) -> str:
     """Output key: data split, resolved backbone, configs and world size (it sets the effective batch)."""
@@ -224,7 +214,7 @@ def fit_backbone(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, fi
     last checkpoint there. The per-epoch history lands in head.json beside the head, so
     `tasks.tracking.log_training_history(run_id, ref.path)` logs its curves, cached or not.
     """
-    logger = _logger()
+    logger = run_logger(__name__)
     fp = finetune_fingerprint(split, backbone, head, finetune, launch)
     out_dir = home_path("finetune") / fp[:24]
     config_path = out_dir.parent / f"{fp[:24]}.launch.json"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
 
 from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
 from stage1core.baselines import BaselineConfig, compare_with_baselines
@@ -45,6 +43,7 @@ from stage1core.splits import (
 from stage1core.storage import atomic_write_json
 from stage1core.train import SelectionConfig, TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
+from tasks.logs import run_logger
 
 from .caching import OutputCache
 
@@ -85,13 +84,6 @@ class EvalRef:
     path: str
     fingerprint: str
     metrics: dict[str, float]
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as .fn() outside a flow run, e.g. in tests
-        return logging.getLogger(__name__)
 
 
 def check_splits_usable(counts: dict[str, dict[str, int]], *, where: str) -> None:
@@ -186,7 +178,7 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
 
     Not cached: new images must be seen. Cheap next to embedding (pHashes are stored per image).
     """
-    logger = _logger()
+    logger = run_logger(__name__)
     report = quarantine_report_path()
     source_dicts = [dataclasses.asdict(s) for s in sources]
     try:
@@ -253,7 +245,7 @@ def extract_features(split: SplitRef, backbone: BackboneConfig, features: Featur
     Images that cannot be decoded are returned in `failed` (with the reason) and left out of every
     split; `check_quarantine` reports them and applies the run's limit.
     """
-    logger = _logger()
+    logger = run_logger(__name__)
     _, parts, _ = read_split_manifest(split.path)
     check_splits_usable(split_counts(parts), where=split.path)  # before any image is embedded
     samples = [s for rows in parts.values() for s in rows]
@@ -277,7 +269,7 @@ def check_quarantine(split: SplitRef, feats: FeatureSetInfo) -> dict[str, Any]:
     be decoded, written to one report. Fails, naming the report, when the quarantined fraction of all
     rows exceeds `split.max_quarantined_fraction` or a split loses a class. Not cached: every run
     reports its own quarantine, also when the features came from the cache."""
-    logger = _logger()
+    logger = run_logger(__name__)
     _, parts, manifest = read_split_manifest(split.path)
     report = Path(split.quarantine_report) if split.quarantine_report else quarantine_report_path()
     entries = [e for e in read_quarantine_entries(report) if e.get("stage") == "scan"]
@@ -383,7 +375,7 @@ def score_baselines(split: SplitRef, feats: FeatureSetInfo, config: BaselineConf
     head; says loudly when the head loses to the best of them by more than the margin."""
     if not config.enabled:
         return None
-    logger = _logger()
+    logger = run_logger(__name__)
     arrays = split_arrays(split, feats, ("train", "test"))
     (_, xt, yt), (_, xs, ys) = arrays["train"], arrays["test"]
     scores = {name: _json_safe(m) for name, m in fit_and_score_baselines(xt, yt, xs, ys, config).items()}

@@ -32,7 +32,6 @@ from stage1core.comparison import (
     comparison_table,
     decide,
     floor_report,
-    fmt,
     history_figures,
 )
 from stage1core.fingerprint import fingerprint
@@ -48,6 +47,7 @@ from stage1core.history import (
 from stage1core.home import home_path
 from stage1core.sources import read_bytes
 from stage1core.splits import read_split_manifest
+from stage1core.text import num
 
 CHAMPION = "champion"
 
@@ -500,8 +500,8 @@ def check_promotable(*, model_name: str, version: str, floor: MetricFloor) -> di
     if problems:
         raise ValueError(f"refusing to promote {model_name} v{version}: " + "; ".join(problems)
                          + " (the default floor is MetricFloor in stage1core/comparison.py)")
-    summary = (f"Bundle `{bundle.name}` verified (sha256 of every file); test MCC {fmt(metrics.get('mcc'))}, "
-               f"AUROC {fmt(metrics.get('auroc'))}, FNR {fmt(metrics.get('fnr'))} meet the floor "
+    summary = (f"Bundle `{bundle.name}` verified (sha256 of every file); test MCC {num(metrics.get('mcc'))}, "
+               f"AUROC {num(metrics.get('auroc'))}, FNR {num(metrics.get('fnr'))} meet the floor "
                f"(MCC ≥ {floor.min_mcc}, AUROC ≥ {floor.min_auroc}, FNR ≤ "
                f"{'α' if floor.max_fnr is None else floor.max_fnr}) and no baseline beats the head.")
     figures = {f"test_{k}": round(metrics[k], 4) for k in ("mcc", "auroc", "fnr")

@@ -10,6 +10,8 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from stage1core.text import num
+
 METRIC_ORDER = ("accuracy", "mcc", "auroc", "fnr", "fpr", "precision", "recall", "ece", "nll", "brier",
                 "accuracy_at_0.5", "mcc_at_0.5", "policy", "coverage", "selective_fnr", "selective_accuracy",
                 "mean_set_size", "calibrator", "calibration/raw/ece", "calibration/temperature/ece",
@@ -20,19 +22,13 @@ METRIC_ORDER = ("accuracy", "mcc", "auroc", "fnr", "fpr", "precision", "recall",
 PLOTS = ("fnr_fpr.png", "reliability.png", "risk_coverage.png")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "n/a" if value is None else str(value)
-
-
 def baseline_rows(judged: dict[str, Any] | None) -> list[dict[str, str]]:
     """Head and baselines side by side on the test split, at p >= 0.5."""
     if not judged:
         return []
-    rows = [{"model": "head", **{k: _fmt(judged["head"].get(k)) for k in BASELINE_KEYS}, "chosen": ""}]
+    rows = [{"model": "head", **{k: num(judged["head"].get(k)) for k in BASELINE_KEYS}, "chosen": ""}]
     for name, m in judged["baselines"].items():
-        rows.append({"model": name, **{k: _fmt(m.get(k)) for k in BASELINE_KEYS}, "chosen": m["chosen"]})
+        rows.append({"model": name, **{k: num(m.get(k)) for k in BASELINE_KEYS}, "chosen": m["chosen"]})
     return rows
 
 
@@ -69,7 +65,7 @@ def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bund
                     mlflow_run: dict[str, str], registered: dict[str, str] | None, counts: dict[str, Any],
                     head: Any = None, baselines: dict[str, Any] | None = None,
                     quarantine: dict[str, Any] | None = None) -> None:
-    rows = [{"metric": k, "test": _fmt(metrics.get(k))} for k in METRIC_ORDER if k in metrics]
+    rows = [{"metric": k, "test": num(metrics.get(k))} for k in METRIC_ORDER if k in metrics]
     create_table_artifact(key="test-metrics", table=rows,
                           description="Test-split metrics at the guaranteed threshold")
     version = (f"{registered['model_name']} v{registered['version']} (@{registered['alias']})"
@@ -88,8 +84,8 @@ def publish_reports(*, metrics: dict[str, Any], thresholds: dict[str, Any], bund
 **Decision threshold** {thresholds['threshold']:.6f}: P(FNR ≤ {thresholds['alpha']}) ≥ 1 − {thresholds['delta']}
 (k = {thresholds['k']} of {thresholds['n_positives']} calib positives).
 
-**Test**: MCC {_fmt(metrics.get('mcc'))}, accuracy {_fmt(metrics.get('accuracy'))}, AUROC {_fmt(metrics.get('auroc'))},
-FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metrics.get('ece'))}.
+**Test**: MCC {num(metrics.get('mcc'))}, accuracy {num(metrics.get('accuracy'))}, AUROC {num(metrics.get('auroc'))},
+FNR {num(metrics.get('fnr'))}, FPR {num(metrics.get('fpr'))}, ECE {num(metrics.get('ece'))}.
 
 {_quality_markdown(head, baselines)}
 
@@ -105,7 +101,7 @@ FNR {_fmt(metrics.get('fnr'))}, FPR {_fmt(metrics.get('fpr'))}, ECE {_fmt(metric
                               description="The head and the baselines on the same features and test split, at p >= 0.5")
     if head is not None and head.n_candidates > 1:
         grid = json.loads((Path(head.path) / "head.json").read_text()).get("grid", [])
-        create_table_artifact(key="head-selection", table=[{k: _fmt(v) for k, v in row.items()} for row in grid],
+        create_table_artifact(key="head-selection", table=[{k: num(v) for k, v in row.items()} for row in grid],
                               description=f"Head grid on val; chosen: {head.chosen}")
     plots = []
     for name in PLOTS:

@@ -18,28 +18,20 @@ from urllib.parse import urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from prefect import get_run_logger, task
+from prefect import task
 
 from stage1core.bundle import BundleInfo, read_manifest
 from stage1core.home import home_path, mlflow_artifact_root, mlflow_tracking_uri
+from stage1core.settings import TeamSettings
+from tasks.logs import run_logger
 
 from .runs import close_abandoned_runs, record_run_end, record_run_start
 from .servers import ServerUnreachable, check_server  # noqa: F401  (re-exported)
 
-MODEL_NAME = "stage1-roadwork"
+# the registered model of a team that names none (stage1core.settings.TeamSettings.model_name)
+MODEL_NAME = TeamSettings().model_name
 _initialised: set[str] = set()
 _init_guard = threading.Lock()
-
-
-def _logger():
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as .fn() outside a flow run, e.g. in tests
-        import logging
-
-        return logging.getLogger(__name__)
 
 
 def client() -> MlflowClient:
@@ -109,7 +101,7 @@ def start_mlflow_run(experiment: str, run_name: str, tags: dict[str, str]) -> di
     uri = mlflow_tracking_uri()
     closed = close_abandoned_runs(mc, uri, closed_by=f"run {run_name}")
     if closed:
-        _logger().warning("closed %d MLflow run(s) left RUNNING by a killed process: %s", len(closed),
+        run_logger(__name__).warning("closed %d MLflow run(s) left RUNNING by a killed process: %s", len(closed),
                           ", ".join(closed))
     exp_id = ensure_experiment(experiment)
     run = mc.create_run(exp_id, run_name=run_name, tags=tags)
@@ -287,7 +279,7 @@ def register_bundle(run_id: str, bundle: BundleInfo, *, model_name: str, alias: 
     so no process kill leaves an untagged version; a bundle already registered keeps its version, and
     whatever a killed run did not finish (tags, description, alias) is completed.
     """
-    logger = _logger()
+    logger = run_logger(__name__)
     mc = client()
     manifest = read_manifest(bundle.path)
     mv_tags = {"bundle_fingerprint": bundle.fingerprint, "policy": manifest["policy"],
