@@ -63,6 +63,8 @@ def main() -> None:
         p.add_argument("--per-class", type=int, default=1500)
         p.add_argument("--salts", type=int, default=8, help="extra splits (salts) to rerun head and baselines on")
         p.add_argument("--demo", action="store_true", help="the demo dataset instead of Fashion-MNIST")
+        p.add_argument("--home", help="STAGE1_HOME of an earlier run of this benchmark to reuse (its feature "
+                                      "store and cached tasks); default: a fresh temporary home")
 
     args = c.parse_args(__doc__, repeats=1, configure=options)
     c.header("11. the pipeline's head vs logistic regression and kNN on real images (Fashion-MNIST)", args)
@@ -72,7 +74,8 @@ def main() -> None:
     per_class = 100 if args.quick else args.per_class
     data = (c.demo_data(200 if args.quick else 1200) if args.demo else
             fashion_folder(per_class, 32 if args.quick else 224))
-    home = Path(tempfile.mkdtemp(prefix="bench-quality-home-"))
+    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-quality-home-"))
+    print(f"  home: {home}")
     os.environ["STAGE1_HOME"] = str(home)
     from stage1core.home import configure_environment
 
@@ -131,7 +134,8 @@ def resplit(result: dict, params: dict, *, n_salts: int) -> None:
     samples = load_sources(params["sources"]).samples
     found = find_near_duplicates(samples, radius=split_config.near_duplicate_radius,
                                  diameter=split_config.near_duplicate_diameter, cache_dir=home_path("phash"))
-    store = FeatureStore(next(home_path("features").iterdir()))  # the one store this run's fresh home holds
+    # the store of this run's features (the home holds one store per backbone and preprocessing)
+    store = FeatureStore(Path(result["features"]["store_dir"]))
     views = feature_views(store.meta["backbone"]["pooling"], store.dim)
     rows = []
     for k in range(n_salts):

@@ -203,7 +203,8 @@ def train_pipeline(
         "experiment_id": run["experiment_id"], "registered": registered, "split_counts": split.counts,
         "split_manifest": split.path,
         "features": {"n_samples": feats.n_samples, "n_computed": feats.n_computed, "failed": len(feats.failed),
-                     "images_per_second": feats.images_per_second, "dim": feats.dim},
+                     "images_per_second": feats.images_per_second, "dim": feats.dim,
+                     "store_dir": str(feats.store_dir)},
         "quarantine": quarantine,
         "seconds": seconds, "flow_run_id": str(flow_run.id),
     }
