@@ -1,4 +1,4 @@
-"""Benchmark 11: start-up cost. `stage1 demo` cold (empty home) against warm (everything cached), as
+"""Benchmark 12: start-up cost. `stage1 demo` cold (empty home) against warm (everything cached), as
 whole commands: interpreter, imports, Prefect server, MLflow set-up and the pipeline.
 
 A fresh $STAGE1_HOME in a temporary directory; the command runs twice in subprocesses, exactly as
@@ -62,7 +62,7 @@ def timings(output: str) -> dict[str, float]:
 def main() -> None:
     args = c.parse_args(__doc__, configure=lambda p: p.add_argument(
         "--checkout", help="run the command from this checkout of the code (default: this one)"))
-    c.header("11. start-up: `stage1 demo` cold vs warm, whole commands", args)
+    c.header("12. start-up: `stage1 demo` cold vs warm, whole commands", args)
     checkout = Path(args.checkout).resolve() if args.checkout else ROOT
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "STAGE1_"))}

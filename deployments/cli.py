@@ -424,9 +424,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     model_name = args.model or load_settings().model_name
     entries = read_history(model_name)
+    total = len(entries)
     if args.limit:
         entries = entries[-args.limit:]
-    print(json.dumps(entries, indent=2) if args.json else history_text(model_name, entries))
+    print(json.dumps(entries, indent=2) if args.json else history_text(model_name, entries, total=total))
     return 0
 
 

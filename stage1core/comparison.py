@@ -292,7 +292,7 @@ def decide(comparison: dict[str, Any] | None, config: ComparisonConfig, *, floor
     failed = [c for c in checks if not c["passed"]]
     if failed:
         what = "; ".join(f"{c['check']}: {c['detail']}" for c in failed)
-        hint = (" (add test images or lower ComparisonConfig.min_test_per_class)"
+        hint = (" (add test images, or lower min_test_per_class in the team settings' [promotion] table)"
                 if any(c["check"] == "test size" for c in failed) else "")
         return Decision(False, f"{what}{hint}", tuple(checks))
     if comparison is None:

@@ -99,14 +99,16 @@ def history_rows(entries: list[dict[str, Any]]) -> list[dict[str, str]]:
              "by": str(e.get("by", "")), "reason": str(e.get("reason", ""))} for e in entries]
 
 
-def history_text(model_name: str, entries: list[dict[str, Any]]) -> str:
-    """The history as plain text for a terminal, oldest first."""
+def history_text(model_name: str, entries: list[dict[str, Any]], *, total: int | None = None) -> str:
+    """The history as plain text for a terminal, oldest first; `total`: the whole history's length when
+    `entries` are its last few."""
     if not entries:
         return f"{model_name}: no promotion history yet"
     rows = history_rows(entries)
     cols = ("n", "at", "action", "alias", "champion", "from", "challenger", "by")
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    lines = [f"{model_name}: {len(rows)} entries, oldest first",
+    shown = f"last {len(rows)} of {total}" if total is not None and total > len(rows) else f"{len(rows)}"
+    lines = [f"{model_name}: {shown} entries, oldest first",
              "  ".join(c.ljust(widths[c]) for c in cols) + "  reason"]
     lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) + "  " + r["reason"] for r in rows]
     return "\n".join(lines)

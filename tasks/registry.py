@@ -320,7 +320,8 @@ def set_champion(*, model_name: str, version: str, requested_by: str, reason: st
         "challenger": challenger or None, "by": requested_by, "reason": reason, "flow_run": flow_run_id or None,
         "figures": figures or {}})
     publish_history(model_name, version=str(version))
-    message = f"{model_name} @{alias}: v{before or 'none'} -> v{version} ({action} by {requested_by})"
+    was = f"v{before}" if before else "(none)"
+    message = f"{model_name} @{alias}: {was} -> v{version} ({action} by {requested_by})"
     logger.info("%s: %s", message, reason)
     return {**out, "changed": True, "message": message, "history_entry": entry}
 
@@ -480,8 +481,8 @@ def resolve_promotion(*, version: str, model_name: str, alias: str = CHAMPION) -
         rollback = ""
     mv = get_version(name, version=number, alias=source_alias)
     if mv is None:
-        raise ValueError(f"{name}: no version {version!r} in the MLflow registry (`stage1 history` and MLflow's "
-                         "Models page list the versions)")
+        raise ValueError(f"{name}: no version {version!r} in the MLflow registry (MLflow's Models page lists "
+                         "every version; `stage1 history` the ones that held an alias)")
     holder = get_version(name, alias=alias)
     return {"model_name": name, "version": str(mv.version), "holder": str(holder.version) if holder else "",
             "rollback_target_why": rollback}
