@@ -96,7 +96,14 @@ class SelectionConfig:
     # with cls+avg features, also try the CLS token alone and the patch mean alone
     pooling_views: bool = True
 
+    # which epoch of an AdamW candidate competes: "last" (the end of its cosine schedule, EMA weights:
+    # one val score per candidate, as the exactly solved linear heads have) or "best" (its best eligible
+    # epoch; the minimum over ~40 noisy val scores flatters AdamW heads against the linear ones)
+    adamw_epoch: Literal["last", "best"] = "last"
+
     def __post_init__(self) -> None:
+        if self.adamw_epoch not in ("last", "best"):
+            raise ValueError(f"SelectionConfig.adamw_epoch must be 'last' or 'best', got {self.adamw_epoch!r}")
         for name in ("lr_factors", "weight_decay_factors", "linear_c"):
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values)  # a JSON form gives lists
@@ -263,10 +270,10 @@ def fit_head(
 ) -> TrainedHead:
     """Train every candidate of the head grid (`head_grid`) and keep the best on val.
 
-    Each candidate is scored on val by `balanced_brier` after every epoch (AdamW heads; its best
-    eligible epoch counts) or once (exactly solved linear heads); `select_candidate` then picks the
-    simplest candidate within one standard error of the best. With selection off this is one head,
-    early-stopped on the same criterion.
+    Each candidate is scored on val by `balanced_brier`: AdamW heads after every epoch, competing with
+    their last epoch (`selection.adamw_epoch="last"`) or their best eligible one ("best"); exactly
+    solved linear heads once. `select_candidate` then picks the simplest candidate within one standard
+    error of the best. With selection off this is one head, early-stopped on the same criterion.
     """
     _check_inputs("train", train_x, train_y)
     _check_inputs("val", val_x, val_y)
@@ -284,7 +291,8 @@ def fit_head(
                                          seed=config.seed))
     if looped:
         results.update(_fit_adamw(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, looped,
-                                  head=head, config=config, log_fn=log_fn))
+                                  head=head, config=config, log_fn=log_fn,
+                                  last_epoch=selection.enabled and selection.adamw_epoch == "last"))
 
     chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
                                    np.asarray(val_y), eligible=[results[i].get("eligible", True)
@@ -389,7 +397,7 @@ def _logistic_path(z: np.ndarray, y: np.ndarray, cs: Sequence[float], class_weig
 
 def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
                candidates: Sequence[Candidate], indices: Sequence[int], *, head: HeadConfig,
-               config: TrainConfig, log_fn: LogFn) -> dict[int, dict[str, Any]]:
+               config: TrainConfig, log_fn: LogFn, last_epoch: bool = False) -> dict[int, dict[str, Any]]:
     """The AdamW candidates trained side by side: the same shuffled batches, one parameter group per
     candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA over all.
 
@@ -397,6 +405,8 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
     (the rule `fit_backbone` uses too): epochs that end inside the LR warmup are not eligible, and a
     candidate stops after `config.patience` eligible epochs without a better score; the loop ends
     when all have stopped (a stopped candidate's parameters get no gradient, so AdamW skips them).
+    With `last_epoch`, every candidate trains the whole schedule and its last epoch is the one kept
+    (no early stopping): each candidate then brings one val score to the comparison.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -455,7 +465,8 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                    "lr": optimizer.param_groups[j]["lr"], **_score(judged[j], head, kinds[j], xv, yv, val_weights)}
             val_p = row.pop("val_p")
             best[j]["history"].append(row)
-            if stopping[j].update(row["val_brier"], step=step, epoch=epoch, last=epoch == config.epochs - 1):
+            final = epoch == config.epochs - 1
+            if final if last_epoch else stopping[j].update(row["val_brier"], step=step, epoch=epoch, last=final):
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
         leader = min(range(n), key=lambda j: best[j]["score"])

@@ -313,3 +313,22 @@ def test_default_selection_matches_or_beats_a_single_head_and_records_the_grid()
     chosen = next(r for r in grid.grid if r["chosen"])
     assert chosen["kind"] == grid.kind and chosen["best_epoch"] == grid.best_epoch
     assert all(r["best_epoch"] >= 1 for r in grid.grid if r["kind"] == "mlp")  # never a warmup epoch
+
+
+def test_adamw_candidates_compete_with_their_last_epoch_by_default():
+    """One val score per candidate (the end of its schedule), as the linear heads have: the minimum
+    over every epoch's noisy val score would flatter the AdamW heads. "best" keeps early stopping (as
+    the single head with selection off does: test_early_stopping_keeps_best_epoch_after_warmup)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)).astype(np.float32), rng.integers(0, 2, 200)
+    xv, yv = rng.normal(size=(100, 16)).astype(np.float32), rng.integers(0, 2, 100)  # noise: early epochs win
+    config = TrainConfig(epochs=12, patience=2, lr=3e-3, ema_decay=0.0, warmup_epochs=1, batch_size=64)
+    head = HeadConfig(kind="mlp", hidden=16)
+    last = fit_head(x, y, xv, yv, head=head, config=config)
+    assert SelectionConfig().adamw_epoch == "last"
+    for row in last.grid:
+        assert (row["best_epoch"], row["epochs_run"]) == (11, 12)
+    best = fit_head(x, y, xv, yv, head=head, config=config, selection=SelectionConfig(adamw_epoch="best"))
+    assert any(row["epochs_run"] < 12 and row["best_epoch"] < 11 for row in best.grid)  # stopped early
+    with pytest.raises(ValueError, match="adamw_epoch"):
+        SelectionConfig(adamw_epoch="first")
