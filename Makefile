@@ -21,9 +21,12 @@ demo: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# two worker processes (pytest-xdist), each test file on one worker so that its module fixtures (a
+# trained bundle, a retrain history, servers) are built once: most tests wait on servers and child
+# processes, and one process left a core idle
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # development aid: every module's tests except those marked slow (flows, servers, benchmarks, child
 # training runs, simulations, statistical training checks); about a minute. `make test` stays the full suite.
