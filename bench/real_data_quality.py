@@ -68,7 +68,7 @@ def main() -> None:
 
     args = c.parse_args(__doc__, repeats=1, configure=options)
     c.header("11. the pipeline's head vs logistic regression and kNN on real images (Fashion-MNIST)", args)
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+    if not args.demo and not (FASHION / "train-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"{FASHION}: no Fashion-MNIST idx files; install Debian's dataset-fashion-mnist "
                          "(apt-get install dataset-fashion-mnist) or set STAGE1_FASHION_MNIST")
     per_class = 100 if args.quick else args.per_class
