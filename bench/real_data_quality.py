@@ -99,7 +99,8 @@ def main() -> None:
     seconds, result = c.timed(lambda: train_pipeline(**params))
     judged = result["baselines"]
     m = result["metrics"]
-    c.figure("run", f"{seconds:.0f} s, {m['n']} test images ({m['n_pos']} coats), head "
+    positives = "roadwork" if args.demo else "coats"
+    c.figure("run", f"{seconds:.0f} s, {m['n']} test images ({m['n_pos']} {positives}), head "
              f"{result['head']['chosen'] or result['head']['kind']} chosen of {result['head']['n_candidates']}")
     print(f"  {'model':10s} {'accuracy':>9s} {'MCC':>8s} {'AUROC':>8s}  chosen")
     print(f"  {'head':10s} {m['accuracy_at_0.5']:9.4f} {m['mcc_at_0.5']:8.4f} {m['auroc']:8.4f}")
