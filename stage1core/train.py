@@ -203,8 +203,23 @@ def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray
     for t in terms:
         d = t - terms[best]
         ses.append(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0)
-    ok = [i for i in allowed if means[i] - means[best] <= ses[i] + 1e-12]
+    z = standard_errors_allowed(len(allowed))
+    ok = [i for i in allowed if means[i] - means[best] <= z * ses[i] + 1e-12]
     return min(ok, key=lambda i: (complexity(candidates[i]), means[i], i)), ses
+
+
+def standard_errors_allowed(n_candidates: int) -> float:
+    """How many standard errors a candidate may trail the best by and still qualify. One, for a single
+    comparison (the one-standard-error rule: a one-sided level of 1 - Phi(1) = 0.159). With m
+    candidates the best is the minimum of m noisy scores, and the chance that one of the m - 1 others
+    beats the simplest by one SE only by luck grows with m; the level is therefore split over them
+    (Bonferroni): z = Phi^-1(1 - 0.159 / (m - 1)); 1.94 SE for the default grid's 7 eligible heads."""
+    from statistics import NormalDist
+
+    if n_candidates <= 2:
+        return 1.0
+    one_se_level = 1.0 - NormalDist().cdf(1.0)
+    return NormalDist().inv_cdf(1.0 - one_se_level / (n_candidates - 1))
 
 
 def _check_inputs(name: str, x: np.ndarray, y: np.ndarray) -> None:

@@ -16,6 +16,7 @@ from stage1core.train import (
     predict_positive,
     save_head,
     select_candidate,
+    standard_errors_allowed,
 )
 
 ONE = SelectionConfig(enabled=False)  # one head, trained by the AdamW loop
@@ -332,3 +333,24 @@ def test_adamw_candidates_compete_with_their_last_epoch_by_default():
     assert any(row["epochs_run"] < 12 and row["best_epoch"] < 11 for row in best.grid)  # stopped early
     with pytest.raises(ValueError, match="adamw_epoch"):
         SelectionConfig(adamw_epoch="first")
+
+
+def test_more_candidates_need_a_clearer_gain_to_beat_the_simplest():
+    """The best of many noisy val scores beats the simplest head by one SE by luck far more often
+    than one rival does: the allowance grows with the number of candidates (Bonferroni)."""
+    assert standard_errors_allowed(2) == 1.0
+    assert standard_errors_allowed(7) == pytest.approx(1.936, abs=1e-3)
+    assert standard_errors_allowed(3) < standard_errors_allowed(7) < standard_errors_allowed(13)
+    y = np.tile([0, 1], 100)
+    sign = np.where(y == 1, 1.0, -1.0)
+    half = (np.arange(200) // 2) % 2 == 0
+    linear = Candidate("linear", FeatureView("all", 0, 8), c=0.1)
+    mlps = [Candidate("mlp", FeatureView("all", 0, 8), lr=lr, weight_decay=0.05) for lr in (1e-4, 3e-4, 1e-3,
+                                                                                            3e-3, 1e-2, 3e-2)]
+    steady = 0.5 + 0.3 * sign
+    lucky = 0.5 + sign * np.where(half, 0.425, 0.24)  # 1.54 SE better than `steady` on these images
+    worse = 0.5 + 0.2 * sign
+    chosen, ses = select_candidate([linear, mlps[0]], [steady, lucky], y)
+    assert chosen == 1  # one rival: 1.54 SE is a clear gain
+    chosen, _ = select_candidate([linear, *mlps], [steady, lucky, *[worse] * 5], y)
+    assert chosen == 0  # the best of six rivals: within 1.94 SE, the linear head stays
