@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.common import HANG_TIMEOUT_S
-from tests.test_servers import HTTP_TIMEOUT_S, ROOT, Processes, exe, free_port, tiny_parameters, wait_until
+from tests.common import HANG_TIMEOUT_S, tiny_run_parameters
+from tests.test_servers import HTTP_TIMEOUT_S, ROOT, Processes, exe, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "stage1-postgres-test"
@@ -117,7 +117,7 @@ def test_train_pipeline_against_prefect_and_mlflow_servers_on_postgres(tiny_demo
         healthy(procs, "prefect-server", prefect, f"http://127.0.0.1:{pport}/api/health")
         healthy(procs, "mlflow-server", mlflow, f"http://127.0.0.1:{mport}/health")
 
-        parameters = tiny_parameters(tiny_demo, experiment="postgres-test", model_name=MODEL)
+        parameters = tiny_run_parameters(tiny_demo, experiment="postgres-test", model_name=MODEL)
         done = subprocess.run([sys.executable, "-c", RUN_FLOW, json.dumps(parameters)], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
         assert done.returncode == 0, f"train_pipeline failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -44,7 +44,7 @@ from stage1core.sources import (
     parse_csv_labels,
     parse_json_labels,
 )
-from tests.common import HANG_TIMEOUT_S
+from tests.common import HANG_TIMEOUT_S, tiny_run_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8  # images per shard in the crash tests: the most a kill may cost
@@ -861,20 +861,6 @@ STAGE1 = Path(sys.executable).with_name("stage1")
 TINY_EVA = {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 32}
 
 
-def tiny_params(data: Path, *, model_name: str = "stage1-faults") -> dict:
-    """The tiny flow-test run as `stage1 train --params` JSON: random-init tiny Eva, 4 epochs."""
-    return {
-        "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
-        "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
-        "backbone": {"name": "vit_small_patch16_dinov3", "weights": "random", "pooling": "cls+avg",
-                     "model_kwargs": dict(TINY_EVA), "input_size": 32},
-        "features": {"batch_size": 32, "num_workers": 0},
-        "train": {"epochs": 4, "batch_size": 32},
-        "guarantee": {"alpha": 0.2, "delta": 0.2},
-        "registry": {"experiment": "faults", "model_name": model_name},
-    }
-
-
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
     """The test session's environment without its Prefect/MLflow/stage1 settings, plus a home."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "STAGE1_"))}
@@ -974,7 +960,8 @@ def fresh_home_runs(tiny_with_a_broken_image, tmp_path_factory):
     marker = tmp / "shadowed"
     (cwd / "inspect.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nraise ImportError('shadow')\n")
     params = tmp / "params.json"
-    params.write_text(json.dumps(tiny_params(tiny_with_a_broken_image)))
+    params.write_text(json.dumps(tiny_run_parameters(tiny_with_a_broken_image, experiment="faults",
+                                                     model_name="stage1-faults")))
     env = cli_env(home, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'tracking.db'}")
     first = run_stage1(["train", "--params", str(params)], env, cwd)
     second = run_stage1(["train", "--params", str(params)], env, cwd)
@@ -1141,7 +1128,7 @@ def _in_flight(home: Path) -> list[dict]:
 def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-sigterm")))
+    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-sigterm")))
     proc = start_stage1(["train", "--params", str(params)], cli_env(home), tmp_path, tmp_path / "log")
     try:
         entry = wait_for(lambda: _in_flight(home), timeout=600, what="the MLflow run to start", every=0.2)[0]
@@ -1168,7 +1155,7 @@ def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_de
 def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun_completes_it(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-kill9")))
+    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-kill9")))
     env = cli_env(home)
     proc = start_stage1(["train", "--params", str(params)], env, tmp_path, tmp_path / "log")
     try:
@@ -1351,7 +1338,7 @@ def test_a_full_home_is_one_clear_error_before_any_server_starts(tmp_path, tiny_
 def test_a_disk_that_fills_during_a_run_fails_it_cleanly_and_the_rerun_completes(tmp_path, tiny_demo):
     home = tmp_path / "home"
     params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_params(tiny_demo, model_name="stage1-full")))
+    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-full")))
     env = cli_env(home)
     undo = _tmpfs(home / "evaluations", "16k")  # metrics, plots and predictions land here: ENOSPC mid-run
     try:

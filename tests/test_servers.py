@@ -167,21 +167,6 @@ def write_team_settings(env: dict[str, str], data: Path) -> Path:
     return write_settings(settings, Path(env["STAGE1_HOME"]) / "settings.toml", force=True)
 
 
-def tiny_parameters(data: Path, *, experiment: str = "servers-test", model_name: str = MODEL) -> dict:
-    """tests/test_flow.py's tiny run as JSON parameters: random-init tiny Eva, tiny demo data, 4 epochs
-    (tests/test_postgres.py starts its run with them)."""
-    return {
-        "sources": [{"path": str(data), "kind": "folder", "name": "tiny"}],
-        "splits": {"train": 0.45, "val": 0.15, "calib": 0.25, "test": 0.15},
-        "backbone": {"name": "vit_small_patch16_dinov3", "weights": "random", "pooling": "cls+avg",
-                     "model_kwargs": dict(TINY_EVA), "input_size": 32},
-        "features": {"batch_size": 32, "num_workers": 0},
-        "train": {"epochs": 4, "batch_size": 32},
-        "guarantee": {"alpha": 0.2, "delta": 0.2},
-        "registry": {"experiment": experiment, "model_name": model_name},
-    }
-
-
 def champion_version(mc) -> str | None:
     from mlflow.exceptions import MlflowException
 
