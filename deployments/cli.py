@@ -849,24 +849,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="free text carried in the event (default: empty)")
 
     floor_default = "the team settings' promotion.floor, else stage1core.comparison.MetricFloor's"
+
+    def alias_move_arguments(p: argparse.ArgumentParser) -> None:  # promote and rollback alike
+        p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
+        p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
+        p.add_argument("--model", help="registered model (default: the team settings' model_name)")
+        p.add_argument("--min-mcc", type=float, help=f"test MCC floor (default: {floor_default})")
+        p.add_argument("--min-auroc", type=float, help=f"test AUROC floor (default: {floor_default})")
+
     p = add("promote", "move the champion alias to a version (checks the bundle and the team's floor)",
             cmd_promote)
     p.add_argument("version", help="version number, alias, or models:/<name>/<version>")
-    p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
-    p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
-    p.add_argument("--model", help="registered model (default: the team settings' model_name)")
-    p.add_argument("--min-mcc", type=float, help=f"test MCC floor (default: {floor_default})")
-    p.add_argument("--min-auroc", type=float, help=f"test AUROC floor (default: {floor_default})")
+    alias_move_arguments(p)
 
     p = add("rollback", "move the champion back to the version the current one replaced", cmd_rollback,
             description="Move the champion back to the version the current one replaced (or --to a version),\n"
                         "after the same checks as promote. Retrain never brings back a version rolled back from.")
     p.add_argument("--to", help="roll back to this version instead (default: the champion before the current one)")
-    p.add_argument("--reason", required=True, help="why (recorded in the promotion history)")
-    p.add_argument("--by", help="who asks (default: $STAGE1_USER or the login name)")
-    p.add_argument("--model", help="registered model (default: the team settings' model_name)")
-    p.add_argument("--min-mcc", type=float, help=f"test MCC floor (default: {floor_default})")
-    p.add_argument("--min-auroc", type=float, help=f"test AUROC floor (default: {floor_default})")
+    alias_move_arguments(p)
 
     p = add("history", "the promotion history: alias moves and retrain decisions, oldest first", cmd_history)
     p.add_argument("--model", help="registered model (default: the team settings' model_name)")
