@@ -8,8 +8,8 @@ from typing import Any
 
 def num(value: Any) -> str:
     """A metric as text: floats with 4 decimals, None or a non-finite float as "n/a", anything else as str."""
-    if isinstance(value, bool) or value is None:
-        return "n/a" if value is None else str(value)
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.4f}" if math.isfinite(value) else "n/a"
     return str(value)

@@ -82,26 +82,25 @@ def settings_file(path, *folders, **over) -> str:
     return str(write_settings(team_settings(*folders, **over), path, force=True))
 
 
-@pytest.fixture(scope="module")
-def street(tmp_path_factory):
+def demo_images(tmp_path_factory, name: str, n_images: int, seed: int):
     """Procedural street scenes, small files (the backbone sees 224 px either way)."""
     from stage1core.demo import DemoConfig, generate_demo_dataset
 
-    out = tmp_path_factory.mktemp("street")
-    generate_demo_dataset(out, DemoConfig(n_images=180, seed=5, n_large=0, png_fraction=0.1, exif_fraction=0.0,
-                                          min_size=160, max_size=320))
+    out = tmp_path_factory.mktemp(name)
+    generate_demo_dataset(out, DemoConfig(n_images=n_images, seed=seed, n_large=0, png_fraction=0.1,
+                                          exif_fraction=0.0, min_size=160, max_size=320))
     return out
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory):
+    return demo_images(tmp_path_factory, "street", 180, seed=5)
 
 
 @pytest.fixture(scope="module")
 def new_images(tmp_path_factory):
     """A second batch of images that 'landed' after the first training runs."""
-    from stage1core.demo import DemoConfig, generate_demo_dataset
-
-    out = tmp_path_factory.mktemp("landed")
-    generate_demo_dataset(out, DemoConfig(n_images=40, seed=11, n_large=0, png_fraction=0.1, exif_fraction=0.0,
-                                          min_size=160, max_size=320))
-    return out
+    return demo_images(tmp_path_factory, "landed", 40, seed=11)
 
 
 def mlflow_client():

@@ -882,6 +882,13 @@ def start_stage1(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> 
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
+def params_file(folder: Path, data: Path, model_name: str) -> Path:
+    """`stage1 train --params` JSON for the tiny run on `data`, registering as `model_name`."""
+    path = folder / "params.json"
+    path.write_text(json.dumps(tiny_run_parameters(data, experiment="faults", model_name=model_name)))
+    return path
+
+
 def run_stage1(args: list[str], env: dict[str, str], cwd: Path, *, timeout: float = 900,
                stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*stage1_cmd(), *args], env=env, cwd=cwd, capture_output=True, timeout=timeout,
@@ -959,9 +966,7 @@ def fresh_home_runs(tiny_with_a_broken_image, tmp_path_factory):
     cwd.mkdir()
     marker = tmp / "shadowed"
     (cwd / "inspect.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nraise ImportError('shadow')\n")
-    params = tmp / "params.json"
-    params.write_text(json.dumps(tiny_run_parameters(tiny_with_a_broken_image, experiment="faults",
-                                                     model_name="stage1-faults")))
+    params = params_file(tmp, tiny_with_a_broken_image, "stage1-faults")
     env = cli_env(home, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'tracking.db'}")
     first = run_stage1(["train", "--params", str(params)], env, cwd)
     second = run_stage1(["train", "--params", str(params)], env, cwd)
@@ -1127,8 +1132,7 @@ def _in_flight(home: Path) -> list[dict]:
 @pytest.mark.slow
 def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_demo):
     home = tmp_path / "home"
-    params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-sigterm")))
+    params = params_file(tmp_path, tiny_demo, "stage1-sigterm")
     proc = start_stage1(["train", "--params", str(params)], cli_env(home), tmp_path, tmp_path / "log")
     try:
         entry = wait_for(lambda: _in_flight(home), timeout=600, what="the MLflow run to start", every=0.2)[0]
@@ -1154,8 +1158,7 @@ def test_sigterm_stops_a_run_within_seconds_and_marks_it_ended(tmp_path, tiny_de
 @pytest.mark.slow
 def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun_completes_it(tmp_path, tiny_demo):
     home = tmp_path / "home"
-    params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-kill9")))
+    params = params_file(tmp_path, tiny_demo, "stage1-kill9")
     env = cli_env(home)
     proc = start_stage1(["train", "--params", str(params)], env, tmp_path, tmp_path / "log")
     try:
@@ -1337,8 +1340,7 @@ def test_a_full_home_is_one_clear_error_before_any_server_starts(tmp_path, tiny_
 @pytest.mark.slow
 def test_a_disk_that_fills_during_a_run_fails_it_cleanly_and_the_rerun_completes(tmp_path, tiny_demo):
     home = tmp_path / "home"
-    params = tmp_path / "params.json"
-    params.write_text(json.dumps(tiny_run_parameters(tiny_demo, experiment="faults", model_name="stage1-full")))
+    params = params_file(tmp_path, tiny_demo, "stage1-full")
     env = cli_env(home)
     undo = _tmpfs(home / "evaluations", "16k")  # metrics, plots and predictions land here: ENOSPC mid-run
     try:
