@@ -150,10 +150,15 @@ class TrainedHead:
     criterion: str = ""
 
 
-SELECTION_CRITERION = (
-    "class-balanced Brier score on the val split (linear heads: C by 5-fold CV on train; AdamW heads: their "
-    "best epoch after the LR warmup); the simplest candidate within one standard error of the best wins "
-    "(linear before mlp, fewer feature dimensions first)")
+def selection_criterion(selection: SelectionConfig, n_eligible: int) -> str:
+    """The rule that chose the head, in words (head.json, the model card, the run summary)."""
+    if not selection.enabled:
+        return "one head; class-balanced Brier score on the val split, its best epoch after the LR warmup"
+    adamw = "their last epoch" if selection.adamw_epoch == "last" else "their best epoch after the LR warmup"
+    return (f"class-balanced Brier score on the val split (linear heads: C by {selection.cv_folds}-fold CV on "
+            f"train; AdamW heads: {adamw}); the simplest of {n_eligible} candidates within "
+            f"{standard_errors_allowed(n_eligible):.2f} standard errors of the best wins (linear before mlp, "
+            "fewer feature dimensions first)")
 
 
 def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -189,7 +194,8 @@ def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray
     """The one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10) on val Brier terms.
 
     The candidate with the lowest balanced Brier score is the reference; every candidate whose mean
-    paired difference to it is within one standard error of that difference qualifies, and the
+    paired difference to it is within `standard_errors_allowed` standard errors of that difference
+    (one for a single rival, more for many) qualifies, and the
     simplest qualifying one (`complexity`, then grid order) wins. On a small val split the
     differences between heads are mostly noise, and this rule then keeps the more regularised head
     instead of the one that was luckiest on these images. Only `eligible` candidates take part (the
@@ -309,23 +315,24 @@ def fit_head(
                                   head=head, config=config, log_fn=log_fn,
                                   last_epoch=selection.enabled and selection.adamw_epoch == "last"))
 
+    eligible = [results[i].get("eligible", True) for i in range(len(candidates))]
     chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
-                                   np.asarray(val_y), eligible=[results[i].get("eligible", True)
-                                                                for i in range(len(candidates))])
+                                   np.asarray(val_y), eligible=eligible)
     c, won = candidates[chosen], results[chosen]
     final = build_head(head, in_dim, kind=c.kind, view=c.view)
     final.load_state_dict(won["state"])
     final.eval()
     grid = [{"kind": cand.kind, "view": cand.view.name, "lr": cand.lr, "weight_decay": cand.weight_decay,
              "c": cand.c, "best_epoch": results[i]["epoch"], "epochs_run": len(results[i]["history"]),
-             "chosen": i == chosen, "eligible": results[i].get("eligible", True), "val_brier_se": ses[i],
+             "chosen": i == chosen, "eligible": eligible[i], "val_brier_se": ses[i],
              "cv_brier": results[i]["row"].get("cv_brier"), **{k: results[i]["row"][k] for k in VAL_KEYS}}
             for i, cand in enumerate(candidates)]
     if len(candidates) > 1:
         log.info("head selection: %s chosen of %d candidates (val Brier %.4f, epoch %d)", c.label(),
                  len(candidates), won["score"], won["epoch"])
     return TrainedHead(model=final, head=head, in_dim=in_dim, history=won["history"], best_epoch=won["epoch"],
-                       kind=c.kind, view=c.view, grid=grid, criterion=SELECTION_CRITERION)
+                       kind=c.kind, view=c.view, grid=grid,
+                       criterion=selection_criterion(selection, sum(eligible)))
 
 
 VAL_KEYS = ("val_brier", "val_loss", "val_accuracy", "val_mcc")
@@ -481,7 +488,8 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
             val_p = row.pop("val_p")
             best[j]["history"].append(row)
             final = epoch == config.epochs - 1
-            if final if last_epoch else stopping[j].update(row["val_brier"], step=step, epoch=epoch, last=final):
+            keep = final if last_epoch else stopping[j].update(row["val_brier"], step=step, epoch=epoch, last=final)
+            if keep:
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
         leader = min(range(n), key=lambda j: best[j]["score"])

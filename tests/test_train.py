@@ -331,6 +331,9 @@ def test_adamw_candidates_compete_with_their_last_epoch_by_default():
         assert (row["best_epoch"], row["epochs_run"]) == (11, 12)
     best = fit_head(x, y, xv, yv, head=head, config=config, selection=SelectionConfig(adamw_epoch="best"))
     assert any(row["epochs_run"] < 12 and row["best_epoch"] < 11 for row in best.grid)  # stopped early
+    # the recorded criterion (head.json, model card) names the rule that was applied
+    assert "AdamW heads: their last epoch" in last.criterion and "their best epoch" in best.criterion
+    assert f"{standard_errors_allowed(len(last.grid)):.2f} standard errors" in last.criterion
     with pytest.raises(ValueError, match="adamw_epoch"):
         SelectionConfig(adamw_epoch="first")
 
