@@ -492,11 +492,14 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
             if keep:
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
-        leader = min(range(n), key=lambda j: best[j]["score"])
-        if best[leader]["row"] is not None:
+        # the curve logged per epoch: the best candidate's kept row so far or, when only the last epoch
+        # is kept, the best of this epoch's rows
+        rows = [best[j]["history"][-1] if last_epoch else best[j]["row"] for j in range(n)]
+        rows = [r for r in rows if r is not None]
+        if rows:
+            top = min(rows, key=lambda r: r["val_brier"])
             log_fn({"candidates_active": float(sum(not s.stopped for s in stopping)),
-                    "best_val_brier": best[leader]["score"], "best_val_accuracy": best[leader]["row"]["val_accuracy"]},
-                   epoch)
+                    "best_val_brier": top["val_brier"], "best_val_accuracy": top["val_accuracy"]}, epoch)
         if all(s.stopped for s in stopping):
             break
     accelerator.free_memory()

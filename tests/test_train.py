@@ -325,7 +325,9 @@ def test_adamw_candidates_compete_with_their_last_epoch_by_default():
     xv, yv = rng.normal(size=(100, 16)).astype(np.float32), rng.integers(0, 2, 100)  # noise: early epochs win
     config = TrainConfig(epochs=12, patience=2, lr=3e-3, ema_decay=0.0, warmup_epochs=1, batch_size=64)
     head = HeadConfig(kind="mlp", hidden=16)
-    last = fit_head(x, y, xv, yv, head=head, config=config)
+    logged = []
+    last = fit_head(x, y, xv, yv, head=head, config=config, log_fn=lambda m, epoch: logged.append(epoch))
+    assert logged == list(range(12))  # the training curve is logged every epoch, not only at the end
     assert SelectionConfig().adamw_epoch == "last"
     for row in last.grid:
         assert (row["best_epoch"], row["epochs_run"]) == (11, 12)
