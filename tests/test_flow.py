@@ -134,7 +134,8 @@ def test_run_shows_head_selection_and_baselines_everywhere(first_run):
     assert judged["head"]["accuracy_at_0.5"] == pytest.approx(result["metrics"]["accuracy_at_0.5"])
     card = (bundle / "model_card.md").read_text()
     assert result["head"]["chosen"] in card and "## Head vs baselines" in card
-    assert "| logistic |" in card and "| knn |" in card and "one standard error" in card
+    assert "| logistic |" in card and "| knn |" in card
+    assert head_meta["criterion"] in card and "standard errors of the best wins" in head_meta["criterion"]
 
     client = MlflowClient()
     run = client.get_run(result["mlflow_run_id"])
