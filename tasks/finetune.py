@@ -202,10 +202,12 @@ def finetune_fingerprint(split: SplitRef, backbone: BackboneConfig, head: HeadCo
 FINETUNE_CACHE = OutputCache(
     "fit_backbone",
     lambda p: finetune_fingerprint(p["split"], p["backbone"], p["head"], p["finetune"], p["launch"]),
+    paths=lambda ref, p: [ref.path],
 )
 
 
 @task(name="fit_backbone", tags=["gpu"], cache_key_fn=FINETUNE_CACHE, persist_result=True)
+@FINETUNE_CACHE.records_outputs
 def fit_backbone(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, finetune: FinetuneConfig,
                  launch: LaunchConfig = LaunchConfig()) -> FinetuneRef:
     """Fine-tune adapters + head on the split's train images (early stopping on val) in a child process.
@@ -227,8 +229,6 @@ def fit_backbone(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, fi
     if code != 0:
         raise RuntimeError(f"fine-tuning failed with exit code {code}; last lines:\n" + "\n".join(tail[-20:]))
     result = FinetuneResult.from_json(json.loads((out_dir / RESULT).read_text()))
-    FINETUNE_CACHE.remember({"split": split, "backbone": backbone, "head": head, "finetune": finetune,
-                             "launch": launch}, [out_dir])
     return FinetuneRef(
         path=str(out_dir), fingerprint=result.fingerprint, result_path=str(out_dir / RESULT),
         adapter_path=str(out_dir / ADAPTER_WEIGHTS), metrics=result.metrics, best_step=result.best_step,
@@ -245,10 +245,12 @@ def result_of(ref: FinetuneRef) -> dict[str, Any]:
 ADAPTED_CACHE = OutputCache(
     "extract_adapted_features",
     lambda p: (p["split"].fingerprint, p["finetune"].fingerprint, p["precision"]),
+    paths=lambda info, p: [info.store_dir],
 )
 
 
 @task(name="extract_adapted_features", cache_key_fn=ADAPTED_CACHE, persist_result=True, tags=["features"])
+@ADAPTED_CACHE.records_outputs
 def extract_adapted_features_task(split: SplitRef, finetune: FinetuneRef, precision: str):
     """Calib and test features of the fine-tuned backbone, so calibration, evaluation and export are the
     same tasks as for a frozen backbone."""
@@ -257,9 +259,7 @@ def extract_adapted_features_task(split: SplitRef, finetune: FinetuneRef, precis
 
     _, parts, _ = read_split_manifest(split.path)
     samples = [s for name in ("calib", "test") for s in parts[name]]
-    info = extract_adapted_features(samples, finetune.path, FeatureConfig(precision=precision, num_workers=0))
-    ADAPTED_CACHE.remember({"split": split, "finetune": finetune, "precision": precision}, [info.store_dir])
-    return info
+    return extract_adapted_features(samples, finetune.path, FeatureConfig(precision=precision, num_workers=0))
 
 
 def head_ref_of(ref: FinetuneRef):

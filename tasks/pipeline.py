@@ -235,10 +235,12 @@ FEATURES_CACHE = OutputCache(
     "extract_features",
     lambda p: (p["split"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
                feature_precision(p["backbone"], p["features"]), p["features"].jpeg_draft),
+    paths=lambda info, p: [info.store_dir],
 )
 
 
 @task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features", "gpu"])
+@FEATURES_CACHE.records_outputs
 def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
     """Embed every image of the split manifest that is not yet in the feature store.
 
@@ -249,9 +251,7 @@ def extract_features(split: SplitRef, backbone: BackboneConfig, features: Featur
     _, parts, _ = read_split_manifest(split.path)
     check_splits_usable(split_counts(parts), where=split.path)  # before any image is embedded
     samples = [s for rows in parts.values() for s in rows]
-    info = embed_samples(samples, backbone, features, log_fn=logger.info)
-    FEATURES_CACHE.remember({"split": split, "backbone": backbone, "features": features}, [info.store_dir])
-    return info
+    return embed_samples(samples, backbone, features, log_fn=logger.info)
 
 
 def counted_now(state: Any) -> FeatureSetInfo:
@@ -316,10 +316,12 @@ HEAD_CACHE = OutputCache(
     "fit_head",
     lambda p: head_fingerprint(p["feats"].fingerprint, p["split"].fingerprint, p["head"], p["train"], p["selection"],
                                needs_gate=p.get("needs_gate", False)),
+    paths=lambda ref, p: [ref.path],
 )
 
 
 @task(name="fit_head", cache_key_fn=HEAD_CACHE, persist_result=True)
+@HEAD_CACHE.records_outputs
 def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: TrainConfig,
              selection: SelectionConfig = SelectionConfig(), needs_gate: bool = False) -> HeadRef:
     """Train the head grid on cached train features and keep the best on val (one head when
@@ -344,8 +346,6 @@ def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: Tr
     if len(trained.grid) > 1:
         logger.info("head selection: %s chosen of %d candidates (val Brier %.4f, val accuracy %.4f, epoch %d)",
                     label, len(trained.grid), chosen["val_brier"], chosen["val_accuracy"], trained.best_epoch)
-    HEAD_CACHE.remember({"split": split, "feats": feats, "head": head, "train": train, "selection": selection,
-                         "needs_gate": needs_gate}, [path])
     return HeadRef(path=str(path), fingerprint=fp, weights_sha256=sha, in_dim=trained.in_dim,
                    best_epoch=trained.best_epoch, epochs_run=len(trained.history), kind=trained.kind,
                    chosen=label, n_candidates=len(trained.grid), criterion=trained.criterion)
@@ -365,10 +365,18 @@ def head_grid_rows(head: HeadRef) -> list[dict[str, Any]]:
 BASELINE_CACHE = OutputCache(
     "score_baselines",
     lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["config"], p["evaluation"].fingerprint),
+    paths=lambda result, p: [] if result is None else [baselines_path(p["split"], p["feats"], p["config"],
+                                                                      p["evaluation"])],
 )
 
 
+def baselines_path(split: SplitRef, feats: FeatureSetInfo, config: BaselineConfig, evaluation: EvalRef) -> Path:
+    key = fingerprint(split.fingerprint, feats.fingerprint, config, evaluation.fingerprint)
+    return home_path("evaluations", "baselines") / f"{key[:24]}.json"
+
+
 @task(name="score_baselines", cache_key_fn=BASELINE_CACHE, persist_result=True)
+@BASELINE_CACHE.records_outputs
 def score_baselines(split: SplitRef, feats: FeatureSetInfo, config: BaselineConfig,
                     evaluation: EvalRef) -> dict[str, Any] | None:
     """Logistic regression and cosine kNN on the same features and split, scored on test next to the
@@ -382,9 +390,7 @@ def score_baselines(split: SplitRef, feats: FeatureSetInfo, config: BaselineConf
     comparison = compare_with_baselines(evaluation.metrics, scores, margin=config.margin)
     result = {"baselines": scores, "comparison": comparison, "head": {
         k: evaluation.metrics.get(k) for k in ("accuracy_at_0.5", "mcc_at_0.5", "auroc", "brier")}}
-    key = fingerprint(split.fingerprint, feats.fingerprint, config, evaluation.fingerprint)
-    path = home_path("evaluations", "baselines") / f"{key[:24]}.json"
-    atomic_write_json(path, result)
+    atomic_write_json(baselines_path(split, feats, config, evaluation), result)
     for name, m in scores.items():
         logger.info("baseline %s (%s): test accuracy %.4f, MCC %.4f, AUROC %.4f at p >= 0.5", name, m["chosen"],
                     m["accuracy_at_0.5"], m["mcc_at_0.5"], m["auroc"])
@@ -393,7 +399,6 @@ def score_baselines(split: SplitRef, feats: FeatureSetInfo, config: BaselineConf
                        "retrain will not promote it; try other head settings or more data.", comparison["verdict"])
     else:
         logger.info("%s", comparison["verdict"])
-    BASELINE_CACHE.remember({"split": split, "feats": feats, "config": config, "evaluation": evaluation}, [path])
     return result
 
 
@@ -412,6 +417,7 @@ POLICY_CACHE = OutputCache(
 
 
 @task(name="calibrate", cache_key_fn=POLICY_CACHE, persist_result=True)
+@POLICY_CACHE.records_outputs
 def calibrate(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, guarantee: GuaranteeConfig,
               policy: PolicyConfig) -> dict[str, dict[str, Any]]:
     """On the calib split only: the FNR-guaranteed threshold, the probability calibrator, the gate's
@@ -429,10 +435,12 @@ def calibrate(split: SplitRef, feats: FeatureSetInfo, head: HeadRef, guarantee: 
 EVAL_CACHE = OutputCache(
     "evaluate_test",
     lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint, p["policy_files"]),
+    paths=lambda ref, p: [ref.path],
 )
 
 
 @task(name="evaluate_test", cache_key_fn=EVAL_CACHE, persist_result=True)
+@EVAL_CACHE.records_outputs
 def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
                   policy_files: dict[str, dict[str, Any]]) -> EvalRef:
     """Test metrics at the guaranteed threshold, calibration before/after, selective metrics of the
@@ -452,7 +460,6 @@ def evaluate_test(split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
     })
     metrics = _json_safe(metrics)
     atomic_write_json(eval_dir / "metrics.json", metrics)
-    EVAL_CACHE.remember({"split": split, "feats": feats, "head": head, "policy_files": policy_files}, [eval_dir])
     return EvalRef(path=str(eval_dir), fingerprint=fp, metrics=metrics)
 
 
@@ -470,6 +477,7 @@ EXPORT_CACHE = OutputCache(
                p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
                p.get("baselines"), p.get("backbone_mode", "frozen"), p.get("adapter_dir") is not None,
                p.get("merge_adapters", False), _signing_key_id()),
+    paths=lambda info, p: [info.path],
 )
 
 
@@ -483,6 +491,7 @@ def _signing_key_id() -> str | None:
 
 
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
+@EXPORT_CACHE.records_outputs
 def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
                   policy_files: dict[str, dict[str, Any]], evaluation: EvalRef, backbone: BackboneConfig,
                   baselines: dict[str, Any] | None = None, backbone_mode: str = "frozen",
@@ -517,8 +526,4 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
                **(export_adapter_files(adapter_dir, merge=merge_adapters) if adapter_dir else {})},
     )
     get_run_logger().info("bundle %s", info.path)
-    EXPORT_CACHE.remember(
-        {"name": name, "split": split, "feats": feats, "head": head, "policy_files": policy_files,
-         "evaluation": evaluation, "backbone": backbone, "baselines": baselines, "backbone_mode": backbone_mode,
-         "adapter_dir": adapter_dir, "merge_adapters": merge_adapters}, [info.path])
     return info
