@@ -1,4 +1,5 @@
-"""`stage1`: the command line. Sets the environment to $STAGE1_HOME before Prefect is imported."""
+"""`stage1`: the command line. Importing it (through `tasks`, see tasks/__init__) sets the environment to
+$STAGE1_HOME before any command imports Prefect."""
 
 from __future__ import annotations
 
@@ -16,15 +17,12 @@ from pathlib import Path
 
 from stage1core.home import (
     HomeError,
-    configure_environment,
     home_path,
     mlflow_artifact_root,
     prepare_home,
     stage1_home,
 )
 from tasks.servers import ServerUnreachable, check_server
-
-configure_environment()  # environment only: no file is touched before the command is known
 
 ENVIRONMENT = """\
 environment:
@@ -610,7 +608,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.command in PREFECT_COMMANDS and not os.environ.get("PREFECT_API_URL") and "prefect" not in sys.modules:
             from deployments.local_server import LocalPrefectServer
 
-            server = LocalPrefectServer(os.environ["PREFECT_HOME"], locks=home_path("locks"))
+            server = LocalPrefectServer(os.environ["PREFECT_HOME"], locks=home_path("locks", create=True))
             os.environ["PREFECT_API_URL"] = server.start()
             os.environ["STAGE1_LOCAL_PREFECT_SERVER"] = "1"
         for module in COMMAND_MODULES.get(args.command, ()):

@@ -33,8 +33,10 @@ def stage1_home() -> Path:
     return Path(os.environ.get("STAGE1_HOME") or DEFAULT_HOME).expanduser().resolve()
 
 
-def home_path(*parts: str, create: bool = True) -> Path:
-    """A directory under the state root, created on demand."""
+def home_path(*parts: str, create: bool = False) -> Path:
+    """A path under the state root. Building one touches no file; `create=True` makes it a directory
+    now, for callers that need it before they write (a lock file). The writers of stage1core.storage
+    make the parents of what they write themselves."""
     path = stage1_home().joinpath(*parts)
     if create:
         path.mkdir(parents=True, exist_ok=True)

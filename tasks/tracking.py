@@ -267,7 +267,7 @@ def _registration_lock(model_name: str):
 
     from stage1core.fingerprint import sha256_bytes
 
-    return FileLock(str(home_path("locks") / f"register-{sha256_bytes(model_name.encode())[:16]}.lock"))
+    return FileLock(str(home_path("locks", create=True) / f"register-{sha256_bytes(model_name.encode())[:16]}.lock"))
 
 
 @task(name="register_bundle")
