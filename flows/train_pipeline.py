@@ -20,6 +20,7 @@ from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.modes import check_backbone_mode
 from stage1core.policy import PolicyConfig
+from stage1core.settings import TeamSettings
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
 from stage1core.train import SelectionConfig, TrainConfig
@@ -39,6 +40,7 @@ from tasks.pipeline import (
 )
 from tasks.reports import publish_reports
 from tasks.runs import end_crashed_run
+from tasks.settings import launch_config
 from tasks.tracking import (
     MODEL_NAME,
     close_run,
@@ -214,6 +216,22 @@ def train_pipeline(
         "quarantine": quarantine,
         "seconds": seconds, "flow_run_id": str(flow_run.id),
     }
+
+
+def parameters_from_settings(settings: TeamSettings, sources: list[SourceConfig] | None = None) -> dict[str, Any]:
+    """Every train_pipeline parameter from the team settings (one place: retrain runs with these, and
+    the deployment's form opens with them). `sources`: what to train on; None keeps the settings'
+    sources (none: the demo data). A test holds the keys to this flow's signature."""
+    return dict(
+        sources=(list(settings.sources) or None) if sources is None else sources, splits=settings.splits,
+        backbone=settings.backbone, features=settings.features, head=settings.head, train=settings.train,
+        selection=settings.selection, baselines=settings.baselines, guarantee=settings.guarantee,
+        policy=settings.policy,
+        registry=RegistryConfig(experiment=settings.experiment, model_name=settings.model_name,
+                                bundle_name=settings.model_name),
+        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
+        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
+    )
 
 
 def _check_parameters(*, head: HeadConfig, policy: PolicyConfig, backbone_mode: str, finetune: FinetuneConfig,

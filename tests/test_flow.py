@@ -349,6 +349,24 @@ def test_parameters_render_as_a_typed_form_and_validate():
         train_pipeline.validate_parameters({"backbone": {"pooling": "max"}})
 
 
+def test_every_train_pipeline_parameter_comes_from_the_team_settings():
+    """retrain and the deployment's form take train_pipeline's parameters from one function: a parameter
+    added to the flow and not to it fails here, and the product defaults agree on both sides."""
+    import inspect
+
+    from deployments.steps import train_pipeline_parameters
+    from flows.train_pipeline import parameters_from_settings, train_pipeline
+    from stage1core.settings import TeamSettings, demo_settings
+
+    signature = inspect.signature(train_pipeline.fn).parameters
+    assert parameters_from_settings(TeamSettings()) == {name: p.default for name, p in signature.items()}
+    settings = demo_settings()
+    chosen = [SourceConfig(path="/data/natix", kind="parquet")]
+    assert parameters_from_settings(settings, chosen)["sources"] == chosen
+    # the form's defaults (JSON) validate into the same parameters retrain passes
+    assert train_pipeline.validate_parameters(train_pipeline_parameters(settings)) == parameters_from_settings(settings)
+
+
 @pytest.mark.slow
 def test_contradicting_parameters_fail_before_any_work(prefect_server, tiny_demo):
     from mlflow.tracking import MlflowClient
