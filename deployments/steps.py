@@ -20,26 +20,11 @@ from stage1core.settings import SETTINGS_ENV, TeamSettings, load_settings
 
 
 def train_pipeline_parameters(settings: TeamSettings) -> dict[str, Any]:
-    """train_pipeline's parameters (JSON) from the team settings; no sources means the demo data."""
-    return {
-        "sources": [as_dict(s) for s in settings.sources] or None,
-        "splits": as_dict(settings.splits),
-        "backbone": as_dict(settings.backbone),
-        "features": as_dict(settings.features),
-        "head": as_dict(settings.head),
-        "train": as_dict(settings.train),
-        "selection": as_dict(settings.selection),
-        "baselines": as_dict(settings.baselines),
-        "guarantee": as_dict(settings.guarantee),
-        "policy": as_dict(settings.policy),
-        "registry": {"experiment": settings.experiment, "model_name": settings.model_name,
-                     "alias": "challenger", "register": True, "bundle_name": settings.model_name},
-        "max_quarantined_fraction": settings.max_quarantined_fraction,
-        "backbone_mode": settings.backbone_mode,
-        "finetune": as_dict(settings.finetune),
-        "launch": dict(settings.launch),
-        "merge_adapters": settings.merge_adapters,
-    }
+    """train_pipeline's parameters (JSON) from the team settings, as retrain runs it; no sources means
+    the demo data."""
+    from flows.train_pipeline import parameters_from_settings
+
+    return {name: as_dict(value) for name, value in parameters_from_settings(settings).items()}
 
 
 def process_job_variables() -> dict[str, Any]:

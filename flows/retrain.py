@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.train_pipeline import RegistryConfig, train_pipeline
+from flows.train_pipeline import parameters_from_settings, train_pipeline
 from stage1core.settings import comparison_config
 from stage1core.sources import SourceConfig
 from tasks.pipeline import build_splits, ensure_demo_data
@@ -30,7 +30,6 @@ from tasks.registry import (
 )
 from tasks.settings import (
     choose_sources,
-    launch_config,
     load_team_settings,
     record_settings,
     remember_landed_sources,
@@ -65,16 +64,9 @@ def retrain(
     comparison = comparison_config(settings, auto_promote=auto_promote)  # fails before any work if invalid
     configured = list(settings.sources) or [ensure_demo_data()]
     sources = choose_sources(configured, landed)
-    registry = RegistryConfig(experiment=settings.experiment, model_name=settings.model_name,
-                              bundle_name=settings.model_name)
-    guarantee = settings.guarantee
-    training = dict(
-        sources=sources, splits=settings.splits, backbone=settings.backbone, features=settings.features,
-        head=settings.head, train=settings.train, selection=settings.selection, baselines=settings.baselines,
-        guarantee=guarantee, policy=settings.policy, registry=registry,
-        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
-        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
-    )
+    # every train_pipeline parameter, from the settings (a new parameter is added there, not here)
+    training = parameters_from_settings(settings, sources)
+    registry, guarantee = training["registry"], training["guarantee"]
     trigger = trigger or "manual"
     # a retrain with the same split, settings and code as an earlier one would train the same bundle
     split = build_splits(sources, settings.splits, max_quarantined_fraction=settings.max_quarantined_fraction)

@@ -18,7 +18,9 @@ from stage1core.features import FeatureConfig
 from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
+from stage1core.modes import check_backbone_mode
 from stage1core.policy import PolicyConfig
+from stage1core.settings import TeamSettings
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
 from stage1core.train import SelectionConfig, TrainConfig
@@ -33,10 +35,12 @@ from tasks.pipeline import (
     export_bundle,
     extract_features,
     fit_head,
+    resolve_backbone,
     score_baselines,
 )
 from tasks.reports import publish_reports
 from tasks.runs import end_crashed_run
+from tasks.settings import launch_config
 from tasks.tracking import (
     MODEL_NAME,
     close_run,
@@ -109,7 +113,11 @@ def train_pipeline(
         policy: Decision rule of the bundle and its calibrator.
         registry: MLflow experiment, registered model and alias.
         max_quarantined_fraction: Stop when more than this share of images cannot be read.
-        backbone_mode: frozen trains heads on cached features; lora or dora fine-tunes adapters on images.
+        backbone_mode: frozen trains heads on cached features (features, train, selection); lora or dora
+            fine-tunes adapters on images (finetune, launch, merge_adapters). The one switch:
+            finetune.adapter.method must name the same method, and with lora/dora train and selection
+            keep their defaults (features too, unless the baselines are on); a run that breaks this
+            fails before any work.
         finetune: Fine-tuning settings (lora/dora only).
         launch: How fine-tuning processes start (lora/dora only).
         merge_adapters: lora/dora: merge the adapters into the backbone weights in the bundle.
@@ -117,9 +125,9 @@ def train_pipeline(
     logger = get_run_logger()
     started = time.perf_counter()
     needs_gate = policy.needs_gate()
-    if needs_gate and head.kind not in ("auto", "selective"):
-        raise ValueError(f"policy {policy.policy!r} (scrc_score {policy.scrc_score!r}) needs the gate of a selective "
-                         f"head: set head.kind to 'selective' or 'auto', not {head.kind!r}")
+    _check_parameters(head=head, policy=policy, backbone_mode=backbone_mode, finetune=finetune, features=features,
+                      train=train, selection=selection, baselines=baselines, merge_adapters=merge_adapters,
+                      launch=launch)
     if not sources:
         sources = [ensure_demo_data()]
     run = start_mlflow_run(
@@ -128,19 +136,19 @@ def train_pipeline(
          "backbone": backbone.name},
     )
     try:
+        spec = resolve_backbone(backbone)  # the weights are hashed here, once; every task takes the spec
         split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
         adapter_dir = None
         if backbone_mode == "frozen":
-            feats = counted_now(extract_features(split, backbone, features, return_state=True))
+            feats = counted_now(extract_features(split, spec, features, return_state=True))
             quarantine = check_quarantine(split, feats)
             head_ref = fit_head(split, feats, head, train, selection, needs_gate)
         else:
             # fine-tuning trains one head with the backbone: `auto` is the kind the policy needs
             if head.kind == "auto":
                 head = replace(head, kind=head.kinds(selection=False, needs_gate=needs_gate)[0])
-            tuned = fit_backbone(split, backbone, head,
-                                 replace(finetune, adapter=replace(finetune.adapter, method=backbone_mode)), launch)
-            feats = extract_adapted_features_task(split, tuned, finetune.precision)
+            tuned = fit_backbone(split, spec, head, finetune, launch)
+            feats = extract_adapted_features_task(split, tuned, finetune.precision, spec)
             quarantine = check_quarantine(split, feats)
             head_ref = head_ref_of(tuned)
             adapter_dir = tuned.path
@@ -149,10 +157,10 @@ def train_pipeline(
         evaluation = evaluate_test(split, feats, head_ref, policy_files)
         # baselines are probes of the frozen backbone: with lora/dora they answer "was fine-tuning worth it?"
         frozen = feats if backbone_mode == "frozen" else (
-            extract_features(split, backbone, features) if baselines.enabled else None)
+            extract_features(split, spec, features) if baselines.enabled else None)
         judged = score_baselines(split, frozen, baselines, evaluation) if baselines.enabled else None
         bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
-                               policy_files=policy_files, evaluation=evaluation, backbone=backbone,
+                               policy_files=policy_files, evaluation=evaluation, backbone=spec,
                                baselines=judged, backbone_mode=backbone_mode, adapter_dir=adapter_dir,
                                merge_adapters=merge_adapters)
         params = {name: dataclasses.asdict(cfg) for name, cfg in (
@@ -208,6 +216,38 @@ def train_pipeline(
         "quarantine": quarantine,
         "seconds": seconds, "flow_run_id": str(flow_run.id),
     }
+
+
+def parameters_from_settings(settings: TeamSettings, sources: list[SourceConfig] | None = None) -> dict[str, Any]:
+    """Every train_pipeline parameter from the team settings (one place: retrain runs with these, and
+    the deployment's form opens with them). `sources`: what to train on; None keeps the settings'
+    sources (none: the demo data). A test holds the keys to this flow's signature."""
+    return dict(
+        sources=(list(settings.sources) or None) if sources is None else sources, splits=settings.splits,
+        backbone=settings.backbone, features=settings.features, head=settings.head, train=settings.train,
+        selection=settings.selection, baselines=settings.baselines, guarantee=settings.guarantee,
+        policy=settings.policy,
+        registry=RegistryConfig(experiment=settings.experiment, model_name=settings.model_name,
+                                bundle_name=settings.model_name),
+        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
+        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
+    )
+
+
+def _check_parameters(*, head: HeadConfig, policy: PolicyConfig, backbone_mode: str, finetune: FinetuneConfig,
+                      features: FeatureConfig, train: TrainConfig, selection: SelectionConfig,
+                      baselines: BaselineConfig, merge_adapters: bool, launch: LaunchConfig) -> None:
+    """Refuse contradicting parameters before any work; warn about fine-tuning settings a frozen run
+    does not use."""
+    if policy.needs_gate() and head.kind not in ("auto", "selective"):
+        raise ValueError(f"policy {policy.policy!r} (scrc_score {policy.scrc_score!r}) needs the gate of a selective "
+                         f"head: set head.kind to 'selective' or 'auto', not {head.kind!r}")
+    unused = check_backbone_mode(backbone_mode, finetune=finetune, features=features, train=train,
+                                 selection=selection, baselines=baselines, merge_adapters=merge_adapters,
+                                 launch=launch)
+    if unused:
+        get_run_logger().warning("backbone_mode 'frozen' does not fine-tune, so these settings are not used: %s",
+                                 "; ".join(unused))
 
 
 def _set_run_tags(run_id: str, tags: dict[str, str]) -> None:

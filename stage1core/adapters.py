@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import BackboneSpec, build_backbone, feature_dim
+from .backbone import BackboneError, BackboneSpec, build_backbone, feature_dim
 from .features import (
     FeatureConfig,
     FeatureSetInfo,
@@ -53,26 +53,33 @@ def read_adapter_meta(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the adapter description ({exc})") from exc
 
 
-def load_adapted_backbone(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_adapted_backbone(directory: str | Path, *, backbone: BackboneSpec | None = None
+                          ) -> tuple[nn.Module, dict[str, Any]]:
     """The fine-tuned backbone of a run directory with its adapters folded in (a plain timm model, eval
-    mode; the original weights are verified first), and the run's adapter.json."""
+    mode), and the run's adapter.json. The original weights are hashed and verified first, unless the
+    caller passes `backbone`, the spec it resolved (hashed) itself, which must be the run's."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = read_adapter_meta(directory)
     spec = BackboneSpec.from_json(meta["backbone"])
-    peft_model = apply_adapters(build_backbone(spec, verify=True), AdapterConfig(**meta["adapter"]))
+    if backbone is not None and backbone.fingerprint != spec.fingerprint:
+        raise BackboneError(f"{directory} was fine-tuned on backbone {spec.fingerprint[:12]}…, not on the given "
+                            f"{backbone.name} ({backbone.fingerprint[:12]}…)")
+    base = build_backbone(backbone, verify=False) if backbone is not None else build_backbone(spec, verify=True)
+    peft_model = apply_adapters(base, AdapterConfig(**meta["adapter"]))
     load_adapter_state_dict(peft_model, load_file(str(directory / ADAPTER_WEIGHTS)))
     return merge_adapters(peft_model).eval(), meta
 
 
-def export_adapter_files(finetune_out_dir: str | Path, *, merge: bool) -> dict[str, bytes]:
+def export_adapter_files(finetune_out_dir: str | Path, *, merge: bool, backbone: BackboneSpec | None = None
+                         ) -> dict[str, bytes]:
     """Files to add to a bundle (`export_bundle(files=...)`) for a fine-tuned backbone.
 
     Unmerged: adapter.safetensors + adapter.json (AdapterConfig, backbone spec). Merged: the adapters
     folded into the backbone weights, backbone.safetensors (the full timm state dict) + adapter.json
     with "merged": true. The bundle's backbone.json still names the original weights, which the
-    Predictor loads and verifies first.
+    Predictor loads and verifies first. `backbone`: as for `load_adapted_backbone`.
     """
     from safetensors.torch import save
 
@@ -82,7 +89,7 @@ def export_adapter_files(finetune_out_dir: str | Path, *, merge: bool) -> dict[s
     if not merge:
         meta = read_adapter_meta(directory)
         return {ADAPTER_WEIGHTS: (directory / ADAPTER_WEIGHTS).read_bytes(), ADAPTER_META: _json_bytes(meta)}
-    merged, meta = load_adapted_backbone(directory)
+    merged, meta = load_adapted_backbone(directory, backbone=backbone)
     state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     return {MERGED_BACKBONE: save(state), ADAPTER_META: _json_bytes({**meta, "merged": True})}
 
@@ -130,17 +137,18 @@ def attach_bundle_adapters(model: nn.Module, bundle_dir: str | Path, manifest: d
 
 def extract_adapted_features(samples: Sequence[Sample], finetune_out_dir: str | Path,
                              config: FeatureConfig = FeatureConfig(), *, store_root: str | Path | None = None,
-                             progress: bool = False) -> FeatureSetInfo:
+                             progress: bool = False, backbone: BackboneSpec | None = None) -> FeatureSetInfo:
     """Features of the fine-tuned backbone (adapters merged) in the feature store, so that the shared
     pipeline (calibrate_threshold, evaluate_test, export_bundle) runs on them with the head of
     `finetune_out_dir` unchanged. The store key adds the adapter weights' sha256 to the frozen key; the
     store's `backbone` stays the original spec (what a bundle's backbone.json names). Features pass
     through fp16 as in training, so head outputs equal the training-time ones. Use
     `FeatureConfig(precision=<the run's precision>)`. The store is filled like the frozen one
-    (`features.fill_feature_store`: under its lock, only what is missing).
+    (`features.fill_feature_store`: under its lock, only what is missing). `backbone`: as for
+    `load_adapted_backbone`.
     """
     directory = Path(finetune_out_dir)
-    model, meta = load_adapted_backbone(directory)
+    model, meta = load_adapted_backbone(directory, backbone=backbone)
     spec = BackboneSpec.from_json(meta["backbone"])
     pre = preprocessing_spec(model, spec, config)
     adapter_sha = sha256_file(directory / ADAPTER_WEIGHTS)

@@ -36,6 +36,7 @@ from .fingerprint import fingerprint
 from .guarantees import GuaranteeConfig
 from .heads import HeadConfig
 from .home import stage1_home
+from .modes import BackboneModeError, check_backbone_mode
 from .policy import PolicyConfig
 from .sources import SourceConfig
 from .splits import SplitConfig
@@ -82,7 +83,9 @@ class TeamSettings:
     guarantee: GuaranteeConfig = field(default_factory=GuaranteeConfig)
     # decision rule of the bundle (threshold, gate, scrc) and its calibrator
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    # frozen: heads on cached features; lora or dora: fine-tune adapters on images (needs a GPU)
+    # frozen: heads on cached features (features, train, selection); lora or dora: fine-tune adapters on
+    # images (finetune, whose adapter.method must name the same method; train and selection must keep
+    # their defaults, features too unless the baselines are on)
     backbone_mode: Literal["frozen", "lora", "dora"] = "frozen"
     # fine-tuning settings, used when backbone_mode is lora or dora
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -102,9 +105,11 @@ class TeamSettings:
     def __post_init__(self) -> None:
         if not self.model_name or not self.experiment:
             raise SettingsError(f"{self.origin or 'settings'}: model_name and experiment must not be empty")
-        if self.backbone_mode not in ("frozen", "lora", "dora"):
-            raise SettingsError(f"{self.origin or 'settings'}: backbone_mode must be frozen, lora or dora, "
-                                f"got {self.backbone_mode!r}")
+        try:  # a contradiction between backbone_mode and what it reads shows when the settings are read
+            check_backbone_mode(self.backbone_mode, finetune=self.finetune, features=self.features, train=self.train,
+                                selection=self.selection, baselines=self.baselines)
+        except BackboneModeError as exc:
+            raise SettingsError(f"{self.origin or 'settings'}: {exc}") from None
         object.__setattr__(self, "sources", tuple(self.sources))
         comparison_config(self)  # a [promotion] mistake shows when the settings are read, not at 02:00
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from prefect import task
 
-from stage1core.backbone import BackboneConfig, resolve_backbone
+from stage1core.backbone import BackboneSpec
 from stage1core.config import describe_fields
 from stage1core.finetune import (
     ADAPTER_WEIGHTS,
@@ -192,11 +192,11 @@ def run_child(command: Sequence[str], *, env: dict[str, str] | None = None, time
         reader.join(timeout=5.0)
 
 
-def finetune_fingerprint(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, finetune: FinetuneConfig,
+def finetune_fingerprint(split: SplitRef, backbone: BackboneSpec, head: HeadConfig, finetune: FinetuneConfig,
                          launch: LaunchConfig) -> str:
     """Output key: data split, resolved backbone, configs and world size (it sets the effective batch)."""
-    return fingerprint("finetune-task", split.fingerprint, resolve_backbone(backbone).fingerprint, head,
-                       finetune.to_json(), launch.world_size)
+    return fingerprint("finetune-task", split.fingerprint, backbone.fingerprint, head, finetune.to_json(),
+                       launch.world_size)
 
 
 FINETUNE_CACHE = OutputCache(
@@ -208,9 +208,10 @@ FINETUNE_CACHE = OutputCache(
 
 @task(name="fit_backbone", tags=["gpu"], cache_key_fn=FINETUNE_CACHE, persist_result=True)
 @FINETUNE_CACHE.records_outputs
-def fit_backbone(split: SplitRef, backbone: BackboneConfig, head: HeadConfig, finetune: FinetuneConfig,
+def fit_backbone(split: SplitRef, backbone: BackboneSpec, head: HeadConfig, finetune: FinetuneConfig,
                  launch: LaunchConfig = LaunchConfig()) -> FinetuneRef:
-    """Fine-tune adapters + head on the split's train images (early stopping on val) in a child process.
+    """Fine-tune adapters + head on the split's train images (early stopping on val) in a child process
+    (`backbone`: the run's resolved spec; the child builds it without hashing the weights again).
 
     The output directory is keyed by content, so a retried or restarted task resumes from the child's
     last checkpoint there. The per-epoch history lands in head.json beside the head, so
@@ -251,15 +252,18 @@ ADAPTED_CACHE = OutputCache(
 
 @task(name="extract_adapted_features", cache_key_fn=ADAPTED_CACHE, persist_result=True, tags=["features"])
 @ADAPTED_CACHE.records_outputs
-def extract_adapted_features_task(split: SplitRef, finetune: FinetuneRef, precision: str):
+def extract_adapted_features_task(split: SplitRef, finetune: FinetuneRef, precision: str,
+                                  backbone: BackboneSpec | None = None):
     """Calib and test features of the fine-tuned backbone, so calibration, evaluation and export are the
-    same tasks as for a frozen backbone."""
+    same tasks as for a frozen backbone. With `backbone` (the run's resolved spec, which the fine-tuned
+    run's fingerprint already covers) the weights are not hashed again."""
     from stage1core.features import FeatureConfig
     from stage1core.splits import read_split_manifest
 
     _, parts, _ = read_split_manifest(split.path)
     samples = [s for name in ("calib", "test") for s in parts[name]]
-    return extract_adapted_features(samples, finetune.path, FeatureConfig(precision=precision, num_workers=0))
+    return extract_adapted_features(samples, finetune.path, FeatureConfig(precision=precision, num_workers=0),
+                                    backbone=backbone)
 
 
 def head_ref_of(ref: FinetuneRef):

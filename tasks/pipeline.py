@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
-from stage1core.backbone import BackboneConfig, BackboneSpec, resolve_backbone
+from stage1core.backbone import BackboneConfig, BackboneSpec
+from stage1core.backbone import resolve_backbone as resolve_weights
 from stage1core.baselines import BaselineConfig, compare_with_baselines
 from stage1core.baselines import score_baselines as fit_and_score_baselines
 from stage1core.bundle import BundleInfo
@@ -231,9 +232,21 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
                     quarantine_report=str(report))
 
 
+@task(name="resolve_backbone")
+def resolve_backbone(backbone: BackboneConfig) -> BackboneSpec:
+    """Find the backbone's weights file and hash it, once per run: the tasks downstream take the resolved
+    spec (its fingerprint keys their caches) instead of hashing the weights again. Never cached: the
+    file behind a path can change between runs."""
+    spec = resolve_weights(backbone)
+    run_logger(__name__).info("backbone %s: %s weights%s, fingerprint %s", spec.name, spec.weights_kind,
+                              f" {spec.weights_file} (sha256 {spec.weights_sha256[:12]})" if spec.weights_file else "",
+                              spec.fingerprint[:12])
+    return spec
+
+
 FEATURES_CACHE = OutputCache(
     "extract_features",
-    lambda p: (p["split"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
+    lambda p: (p["split"].fingerprint, p["backbone"].fingerprint,
                feature_precision(p["backbone"], p["features"]), p["features"].jpeg_draft),
     paths=lambda info, p: [info.store_dir],
 )
@@ -241,8 +254,9 @@ FEATURES_CACHE = OutputCache(
 
 @task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features", "gpu"])
 @FEATURES_CACHE.records_outputs
-def extract_features(split: SplitRef, backbone: BackboneConfig, features: FeatureConfig) -> FeatureSetInfo:
-    """Embed every image of the split manifest that is not yet in the feature store.
+def extract_features(split: SplitRef, backbone: BackboneSpec, features: FeatureConfig) -> FeatureSetInfo:
+    """Embed every image of the split manifest that is not yet in the feature store (`backbone`: the
+    run's resolved spec, from `resolve_backbone`).
 
     Images that cannot be decoded are returned in `failed` (with the reason) and left out of every
     split; `check_quarantine` reports them and applies the run's limit.
@@ -474,7 +488,7 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 EXPORT_CACHE = OutputCache(
     "export_bundle",
     lambda p: (p["name"], p["split"].fingerprint, p["feats"].fingerprint, p["head"].fingerprint,
-               p["policy_files"], p["evaluation"].fingerprint, resolve_backbone(p["backbone"]).fingerprint,
+               p["policy_files"], p["evaluation"].fingerprint, p["backbone"].fingerprint,
                p.get("baselines"), p.get("backbone_mode", "frozen"), p.get("adapter_dir") is not None,
                p.get("merge_adapters", False), _signing_key_id()),
     paths=lambda info, p: [info.path],
@@ -493,12 +507,13 @@ def _signing_key_id() -> str | None:
 @task(name="export_bundle", cache_key_fn=EXPORT_CACHE, persist_result=True)
 @EXPORT_CACHE.records_outputs
 def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: HeadRef,
-                  policy_files: dict[str, dict[str, Any]], evaluation: EvalRef, backbone: BackboneConfig,
+                  policy_files: dict[str, dict[str, Any]], evaluation: EvalRef, backbone: BackboneSpec,
                   baselines: dict[str, Any] | None = None, backbone_mode: str = "frozen",
                   adapter_dir: str | None = None, merge_adapters: bool = False) -> BundleInfo:
     """Write the bundle under $STAGE1_HOME/bundles. With `adapter_dir` (a fine-tuning run), the
     adapters go in beside the head, or folded into backbone.safetensors when `merge_adapters`. The
-    baselines' scores go in as baselines.json and into the model card."""
+    baselines' scores go in as baselines.json and into the model card. `backbone`: the run's resolved
+    spec (the features' store names the same one)."""
     store_meta = FeatureStore(feats.store_dir).meta
     spec = BackboneSpec.from_json(store_meta["backbone"])
     preprocessing = {**store_meta["preprocessing"], "precision": store_meta["precision"]}
@@ -523,7 +538,7 @@ def export_bundle(*, name: str, split: SplitRef, feats: FeatureSetInfo, head: He
                "plots/reliability.png": eval_dir / "reliability.png",
                "plots/risk_coverage.png": eval_dir / "risk_coverage.png",
                "test_predictions.json": eval_dir / "test_predictions.json",
-               **(export_adapter_files(adapter_dir, merge=merge_adapters) if adapter_dir else {})},
+               **(export_adapter_files(adapter_dir, merge=merge_adapters, backbone=backbone) if adapter_dir else {})},
     )
     get_run_logger().info("bundle %s", info.path)
     return info

@@ -106,7 +106,7 @@ def reference(split):
                 mp.setattr(torch.cuda, name, forbidden)
             # the task's child inherits this process's environment: the same thread count as child_env()
             mp.setenv("OMP_NUM_THREADS", CHILD_THREADS)
-            ref = finetune_task.fit_backbone.fn(split["ref"], BACKBONE, HEAD, CONFIG,
+            ref = finetune_task.fit_backbone.fn(split["ref"], resolve_backbone(BACKBONE), HEAD, CONFIG,
                                                 finetune_task.LaunchConfig(cpu=True, timeout_s=HANG_TIMEOUT_S))
     finally:
         logger.removeHandler(handler)

@@ -2,6 +2,7 @@
 a Prefect test server and a temporary MLflow store. The flow runs are marked slow; the parameter form is not."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,65 @@ def first_run(prefect_server, tiny_demo):
     from flows.train_pipeline import train_pipeline
 
     return train_pipeline(**params(tiny_demo))
+
+
+@pytest.fixture(scope="module")
+def file_backbone(tmp_path_factory) -> BackboneConfig:
+    """The tiny Eva with its (random-init) weights in a file, as production DINOv3 weights are."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, **TINY_EVA)
+    path = tmp_path_factory.mktemp("weights") / "tiny-eva.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return BackboneConfig(name="vit_small_patch16_dinov3", weights="file", weights_file=str(path), pooling="cls+avg",
+                          model_kwargs=dict(TINY_EVA), input_size=32)
+
+
+@contextmanager
+def count_weight_hashes(weights_file: str):
+    """The paths of `weights_file` hashed (stage1core.fingerprint.sha256_file, wherever it was imported)
+    in this process while the block runs."""
+    import sys
+
+    from stage1core import fingerprint as fingerprints
+
+    original, hashed = fingerprints.sha256_file, []
+
+    def counting(path, *args, **kwargs):
+        if Path(path).resolve() == Path(weights_file).resolve():
+            hashed.append(str(path))
+        return original(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in list(sys.modules.items()):
+            ours = name.split(".")[0] in ("stage1core", "tasks", "flows")
+            if ours and getattr(module, "sha256_file", None) is original:
+                mp.setattr(module, "sha256_file", counting)
+        yield hashed
+
+
+@pytest.mark.slow
+def test_the_backbone_weights_are_hashed_once_per_run(prefect_server, tiny_demo, file_backbone):
+    """resolve_backbone hashes the weights file; the cache keys, the feature precision, the feature store
+    and the export take the resolved spec. A second (fully cached) run hashes the file again, once: the file
+    behind a path can change between runs."""
+    from flows.train_pipeline import RegistryConfig, train_pipeline
+
+    # features.precision "auto" is part of the features' cache key: deciding it needs the spec too
+    run = params(tiny_demo, backbone=file_backbone,
+                 registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
+                                         bundle_name="weights-file"))
+    for attempt in ("first", "cached"):
+        with count_weight_hashes(file_backbone.weights_file) as hashed:
+            result = train_pipeline(**run)
+        assert hashed == [file_backbone.weights_file], attempt
+    states = task_states(result["flow_run_id"], expected=("resolve_backbone", "extract_features", "export_bundle"))
+    assert states["resolve_backbone"] == "Completed" and states["extract_features"] == "Cached"
+    manifest = json.loads((Path(result["bundle_path"]) / "backbone.json").read_text())
+    assert manifest["weights_kind"] == "file" and manifest["weights_file"] == file_backbone.weights_file
 
 
 @pytest.mark.slow
@@ -289,9 +349,46 @@ def test_parameters_render_as_a_typed_form_and_validate():
         train_pipeline.validate_parameters({"backbone": {"pooling": "max"}})
 
 
+def test_every_train_pipeline_parameter_comes_from_the_team_settings():
+    """retrain and the deployment's form take train_pipeline's parameters from one function: a parameter
+    added to the flow and not to it fails here, and the product defaults agree on both sides."""
+    import inspect
+
+    from deployments.steps import train_pipeline_parameters
+    from flows.train_pipeline import parameters_from_settings, train_pipeline
+    from stage1core.settings import TeamSettings, demo_settings
+
+    signature = inspect.signature(train_pipeline.fn).parameters
+    assert parameters_from_settings(TeamSettings()) == {name: p.default for name, p in signature.items()}
+    settings = demo_settings()
+    chosen = [SourceConfig(path="/data/natix", kind="parquet")]
+    assert parameters_from_settings(settings, chosen)["sources"] == chosen
+    # the form's defaults (JSON) validate into the same parameters retrain passes
+    assert train_pipeline.validate_parameters(train_pipeline_parameters(settings)) == parameters_from_settings(settings)
+
+
+@pytest.mark.slow
+def test_contradicting_parameters_fail_before_any_work(prefect_server, tiny_demo):
+    from mlflow.tracking import MlflowClient
+
+    from flows.train_pipeline import RegistryConfig, train_pipeline
+    from stage1core.finetune import FinetuneConfig
+    from stage1core.modes import BackboneModeError
+    from stage1core.peft import AdapterConfig
+
+    registry = RegistryConfig(experiment="flow-test-refused", model_name="stage1-flow-test", register=False)
+    with pytest.raises(BackboneModeError, match="backbone_mode 'lora' and finetune.adapter.method 'dora' disagree"):
+        train_pipeline(**params(tiny_demo, backbone_mode="lora", registry=registry))
+    lora = FinetuneConfig(adapter=AdapterConfig(method="lora"))
+    with pytest.raises(BackboneModeError, match=r"would be ignored: train.epochs = 4 \(default 40\); "
+                                                r"train.batch_size = 32 \(default 128\)"):
+        train_pipeline(**params(tiny_demo, backbone_mode="lora", finetune=lora, registry=registry))
+    assert MlflowClient().get_experiment_by_name("flow-test-refused") is None  # no MLflow run was started
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("merge", [False, True])
-def test_dora_backbone_mode_shares_the_rest_of_the_pipeline(prefect_server, tiny_demo, merge):
+def test_dora_backbone_mode_shares_the_rest_of_the_pipeline(prefect_server, tiny_demo, file_backbone, merge):
     from flows.train_pipeline import RegistryConfig, train_pipeline
     from stage1core.bundle import load_bundle, read_manifest
     from stage1core.finetune import FinetuneConfig
@@ -300,22 +397,26 @@ def test_dora_backbone_mode_shares_the_rest_of_the_pipeline(prefect_server, tiny
     from stage1core.splits import read_split_manifest
 
     finetune = FinetuneConfig(
-        adapter=AdapterConfig(method="lora", rank=4, alpha=8, last_n_blocks=1), optimizer="fsam", lr=5e-3,
+        adapter=AdapterConfig(method="dora", rank=4, alpha=8, last_n_blocks=1), optimizer="fsam", lr=5e-3,
         head_lr=5e-3, epochs=1, max_steps=4, batch_size=8, warmup_steps=1, checkpoint_every=100, num_workers=0,
     )
-    result = train_pipeline(**params(
-        tiny_demo, head=HeadConfig(kind="mlp", hidden=16), backbone_mode="dora", finetune=finetune,
-        merge_adapters=merge,
-        registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
-                                bundle_name=f"dora-merge-{merge}"),
-    ))
+    run = params(tiny_demo, head=HeadConfig(kind="mlp", hidden=16), backbone_mode="dora", finetune=finetune,
+                 merge_adapters=merge, backbone=file_backbone,
+                 registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
+                                         bundle_name=f"dora-merge-{merge}"))
+    del run["train"]  # the head trains with the backbone: a TrainConfig would be refused, not ignored
+    with count_weight_hashes(file_backbone.weights_file) as hashed:
+        result = train_pipeline(**run)
+    # hashed once, by resolve_backbone; fine-tuning (in a child), the adapted features and the merged export
+    # take the resolved spec
+    assert hashed == [file_backbone.weights_file]
     manifest = read_manifest(result["bundle_path"])
     adapter = json.loads((Path(result["bundle_path"]) / "adapter.json").read_text())
-    assert adapter["adapter"]["method"] == "dora"  # the flow's backbone_mode overrides the config's method
+    assert adapter["adapter"]["method"] == "dora"
     assert ("backbone.safetensors" in manifest["files"]) == merge
     assert ("adapter.safetensors" in manifest["files"]) == (not merge)
-    ran = ("fit_backbone", "extract_adapted_features", "calibrate", "evaluate_test", "export_bundle",
-           "extract_features", "score_baselines")
+    ran = ("resolve_backbone", "fit_backbone", "extract_adapted_features", "calibrate", "evaluate_test",
+           "export_bundle", "extract_features", "score_baselines")
     states = task_states(result["flow_run_id"], expected=ran)
     assert "fit_head" not in states
     # the baselines probe the frozen backbone: its features are extracted (cached) for them

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from stage1core.backbone import resolve_backbone
 from stage1core.bundle import BundleError, export_bundle, load_bundle, read_manifest
 from stage1core.features import FeatureConfig, FeatureStore, extract_features
 from stage1core.fingerprint import fingerprint, sha256_file
@@ -476,14 +477,14 @@ def test_undecodable_images_are_quarantined_and_the_run_fails_only_above_the_lim
     # 125 rows, 2 unusable at scan (empty, missing) + 3 undecodable = 4% > a 3% limit: fail, naming the report
     strict = build_splits.fn(sources, splits, max_quarantined_fraction=0.03)
     assert strict.quarantined == 2
-    first = extract_features.fn(strict, tiny_eva_module, feats_cfg)
+    first = extract_features.fn(strict, resolve_backbone(tiny_eva_module), feats_cfg)
     with pytest.raises(DataError, match=r"4\.0% of the images could not be used .*limit 3\.0%.*quarantine-") as err:
         check_quarantine.fn(strict, first)
     assert err.value.report == strict.quarantine_report
 
     # the next run with a looser limit continues, and reuses every feature already computed
     split = build_splits.fn(sources, splits, max_quarantined_fraction=0.05)
-    info = extract_features.fn(split, tiny_eva_module, feats_cfg)
+    info = extract_features.fn(split, resolve_backbone(tiny_eva_module), feats_cfg)
     assert info.n_computed == 0 and len(info.failed) == 3
     summary = check_quarantine.fn(split, info)
     assert summary == {"path": split.quarantine_report, "scan": 2, "decode": 3, "quarantined": 5, "rows": 125}
@@ -523,7 +524,7 @@ def test_an_empty_or_one_class_split_fails_before_embedding(home, tmp_path, tiny
     ref = SplitRef(path=str(path), fingerprint=fp, data_fingerprint=scan.fingerprint(), counts=split_counts(parts),
                    n_samples=len(scan.samples), duplicates=0, quarantined=0)
     with pytest.raises(DataError, match=match):
-        extract_features.fn(ref, tiny_eva_module, FeatureConfig(num_workers=0))
+        extract_features.fn(ref, resolve_backbone(tiny_eva_module), FeatureConfig(num_workers=0))
     assert not (home / "features").exists() or not any((home / "features").rglob("*.npy"))
 
 
@@ -532,7 +533,6 @@ def test_an_empty_or_one_class_split_fails_before_embedding(home, tmp_path, tiny
 
 @pytest.fixture(scope="module")
 def bundle_parts(reference, crash_samples, tiny_eva_module, tmp_path_factory):
-    from stage1core.backbone import resolve_backbone
     from stage1core.guarantees import GuaranteeConfig, fnr_threshold
     from stage1core.train import TrainConfig, fit_head, predict_positive, save_head
 
@@ -843,12 +843,12 @@ def test_features_computed_before_a_tracking_failure_are_reused(home, tmp_path, 
 
     sources = [SourceConfig(path=str(tiny_demo), kind="folder", name="tiny")]
     split = build_splits.fn(sources, SplitConfig(train=0.45, val=0.15, calib=0.25, test=0.15))
-    first = extract_features.fn(split, tiny_eva_module, FeatureConfig(batch_size=32, num_workers=0))
+    first = extract_features.fn(split, resolve_backbone(tiny_eva_module), FeatureConfig(batch_size=32, num_workers=0))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(ServerUnreachable):
         start_mlflow_run.fn("stage1", "run", {})
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    again = extract_features.fn(split, tiny_eva_module, FeatureConfig(batch_size=32, num_workers=0))
+    again = extract_features.fn(split, resolve_backbone(tiny_eva_module), FeatureConfig(batch_size=32, num_workers=0))
     assert first.n_computed == split.n_samples and again.n_computed == 0
     assert again.fingerprint == first.fingerprint
 

@@ -93,6 +93,10 @@ def test_the_file_in_home_is_used_and_sources_are_relative_to_it(home, tmp_path)
     ("schema_version = 7\n", "schema_version 7 is not 1"),
     ("[backbone\nname = 1\n", "not valid TOML"),
     ("sources = 'x'\n", "array of tables"),
+    ("backbone_mode = 'lora'\n", r"backbone_mode 'lora' and finetune.adapter.method 'dora' disagree: set "
+                                 r"finetune.adapter.method to 'lora'"),
+    ("backbone_mode = 'dora'\n[train]\nepochs = 3\n", r"so these would be ignored: train.epochs = 3 \(default 40\)"),
+    ("backbone_mode = 'partial'\n", r"backbone_mode must be one of \('frozen', 'lora', 'dora'\)"),
 ])
 def test_mistakes_name_the_file_the_section_and_what_to_do(tmp_path, text, message):
     path = tmp_path / "settings.toml"
@@ -100,6 +104,18 @@ def test_mistakes_name_the_file_the_section_and_what_to_do(tmp_path, text, messa
     with pytest.raises(SettingsError, match=message) as err:
         load_settings(path)
     assert str(path) in str(err.value)
+
+
+def test_a_fine_tuning_mode_reads_its_method_and_keeps_what_it_does_not_read_at_the_defaults(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text("backbone_mode = 'lora'\n[finetune.adapter]\nmethod = 'lora'\n"
+                    "[features]\nbatch_size = 8\n")  # features: the baselines' frozen probe reads them
+    settings = load_settings(path)
+    assert settings.backbone_mode == settings.finetune.adapter.method == "lora"
+    path.write_text("backbone_mode = 'lora'\n[finetune.adapter]\nmethod = 'lora'\n[features]\nbatch_size = 8\n"
+                    "[baselines]\nenabled = false\n")
+    with pytest.raises(SettingsError, match=r"ignored: features.batch_size = 8 \(default 64\)"):
+        load_settings(path)
 
 
 def test_promotion_and_launch_are_open_tables_passed_on_as_they_are(tmp_path):
