@@ -100,6 +100,11 @@ class SelectionConfig:
     # one val score per candidate, as the exactly solved linear heads have) or "best" (its best eligible
     # epoch; the minimum over ~40 noisy val scores flatters AdamW heads against the linear ones)
     adamw_epoch: Literal["last", "best"] = "last"
+    # after the choice, fit the chosen head again on train + val (val only chose; the head then learns
+    # from every image outside calib and test): a linear head with C chosen again by the same
+    # cross-validation on train + val, an AdamW head with its lr, weight decay and whole schedule (only
+    # with adamw_epoch="last": a best epoch found on val cannot be found again once val is trained on)
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if self.adamw_epoch not in ("last", "best"):
@@ -155,10 +160,14 @@ def selection_criterion(selection: SelectionConfig, n_eligible: int) -> str:
     if not selection.enabled:
         return "one head; class-balanced Brier score on the val split, its best epoch after the LR warmup"
     adamw = "their last epoch" if selection.adamw_epoch == "last" else "their best epoch after the LR warmup"
+    refit = ""
+    if selection.refit:
+        refit = ("; the chosen head is then fitted again on train + val (linear: C chosen again by CV"
+                 + (", AdamW: the same schedule)" if selection.adamw_epoch == "last" else "; AdamW heads are kept)"))
     return (f"class-balanced Brier score on the val split (linear heads: C by {selection.cv_folds}-fold CV on "
             f"train; AdamW heads: {adamw}); the simplest of {n_eligible} candidates within "
             f"{standard_errors_allowed(n_eligible):.2f} standard errors of the best wins (linear before mlp, "
-            "fewer feature dimensions first)")
+            f"fewer feature dimensions first){refit}")
 
 
 def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -319,14 +328,20 @@ def fit_head(
     chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
                                    np.asarray(val_y), eligible=eligible)
     c, won = candidates[chosen], results[chosen]
+    refitted = None
+    if selection.enabled and selection.refit:
+        refitted = _refit(candidates, chosen, xt, np.asarray(train_y), xv, np.asarray(val_y), head=head,
+                          config=config, selection=selection)
     final = build_head(head, in_dim, kind=c.kind, view=c.view)
-    final.load_state_dict(won["state"])
+    final.load_state_dict(refitted["state"] if refitted else won["state"])
     final.eval()
     grid = [{"kind": cand.kind, "view": cand.view.name, "lr": cand.lr, "weight_decay": cand.weight_decay,
              "c": cand.c, "best_epoch": results[i]["epoch"], "epochs_run": len(results[i]["history"]),
              "chosen": i == chosen, "eligible": eligible[i], "val_brier_se": ses[i],
              "cv_brier": results[i]["row"].get("cv_brier"), **{k: results[i]["row"][k] for k in VAL_KEYS}}
             for i, cand in enumerate(candidates)]
+    if refitted:
+        grid[chosen].update({f"refit_{k}": v for k, v in refitted["summary"].items()})
     if len(candidates) > 1:
         log.info("head selection: %s chosen of %d candidates (val Brier %.4f, epoch %d)", c.label(),
                  len(candidates), won["score"], won["epoch"])
@@ -336,6 +351,29 @@ def fit_head(
 
 
 VAL_KEYS = ("val_brier", "val_loss", "val_accuracy", "val_mcc")
+
+
+def _refit(candidates: Sequence[Candidate], chosen: int, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor,
+           yv: np.ndarray, *, head: HeadConfig, config: TrainConfig, selection: SelectionConfig
+           ) -> dict[str, Any] | None:
+    """The chosen candidate fitted again on train + val (`SelectionConfig.refit`): its weights and a
+    summary for the grid table (images, and the C the cross-validation on train + val chose). None for
+    an AdamW head judged at its best epoch. The val scores in the table stay those of the selection."""
+    c = candidates[chosen]
+    if not c.exact and selection.adamw_epoch != "last":
+        return None
+    x = torch.cat([xt, xv])
+    y = np.concatenate([yt, yv])
+    if c.exact:  # the C path of this view again, cross-validated on train + val
+        members = [i for i, other in enumerate(candidates) if other.exact and other.view == c.view]
+        fitted = _fit_exact_linear(x, y, xv, yv, candidates, members, class_weighting=config.class_weighting,
+                                   cv_folds=selection.cv_folds, seed=config.seed)
+        pick = next(i for i in members if fitted[i]["eligible"])
+        return {"state": fitted[pick]["state"],
+                "summary": {"images": int(len(y)), "c": candidates[pick].c}}
+    fitted = _fit_adamw(x, y, xv, yv, candidates, [chosen], head=head, config=config, log_fn=no_log,
+                        last_epoch=True)[chosen]
+    return {"state": fitted["state"], "summary": {"images": int(len(y)), "epochs": len(fitted["history"])}}
 
 
 def _score(model: nn.Module, head: HeadConfig, kind: str, xv: torch.Tensor, yv: np.ndarray,

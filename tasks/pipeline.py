@@ -366,9 +366,14 @@ def fit_head(split: SplitRef, feats: FeatureSetInfo, head: HeadConfig, train: Tr
 
 
 def grid_point_label(row: dict[str, Any]) -> str:
-    """`mlp lr=0.001 wd=0.05 view=all` or `linear C=0.1 view=all` for a row of the head grid."""
+    """`mlp lr=0.001 wd=0.05 view=all` or `linear C=0.1 view=all` for a row of the head grid (with what the
+    refit on train + val used, when there was one)."""
     knobs = f"C={row['c']:g}" if row.get("c") is not None else f"lr={row['lr']:g} wd={row['weight_decay']:g}"
-    return f"{row['kind']} {knobs} view={row['view']}"
+    again = ""
+    if row.get("refit_images"):
+        again = f", refitted on train+val ({row['refit_images']} images" + (
+            f", C={row['refit_c']:g})" if row.get("refit_c") is not None else ")")
+    return f"{row['kind']} {knobs} view={row['view']}{again}"
 
 
 def head_grid_rows(head: HeadRef) -> list[dict[str, Any]]:

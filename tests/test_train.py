@@ -230,7 +230,7 @@ def test_exact_linear_head_is_the_l2_logistic_regression_on_standardised_feature
 
     x, y = blobs(n=400, shift=0.4, seed=8)
     xv, yv = blobs(n=400, shift=0.4, seed=9)
-    selection = SelectionConfig(linear_c=(0.05,))
+    selection = SelectionConfig(linear_c=(0.05,), refit=False)
     trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"), selection=selection)
     assert trained.kind == "linear" and trained.grid[0]["c"] == 0.05
     z = trained.model.norm(torch.as_tensor(x)).double().numpy()
@@ -359,3 +359,37 @@ def test_more_candidates_need_a_clearer_gain_to_beat_the_simplest():
     assert chosen == 1  # one rival: 1.54 SE is a clear gain
     chosen, _ = select_candidate([linear, *mlps], [steady, lucky, *[worse] * 5], y)
     assert chosen == 0  # the best of six rivals: within 1.94 SE, the linear head stays
+
+
+def test_the_chosen_head_is_fitted_again_on_train_and_val():
+    """Val only chooses: the chosen linear head is the L2 logistic regression on train + val (norm
+    stats and C cross-validated on both), the grid keeps the val scores of the train-only fit, and an
+    AdamW head trains its whole schedule again on both (not when judged at its best val epoch)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(n=300, shift=0.4, seed=8)
+    xv, yv = blobs(n=300, shift=0.4, seed=9)
+    xs, _ = blobs(n=300, shift=0.4, seed=10)
+    xa, ya = np.concatenate([x, xv]), np.concatenate([y, yv])
+    linear = HeadConfig(kind="linear")
+    refitted = fit_head(x, y, xv, yv, head=linear, selection=SelectionConfig(linear_c=(0.05,)))
+    kept = fit_head(x, y, xv, yv, head=linear, selection=SelectionConfig(linear_c=(0.05,), refit=False))
+    row = refitted.grid[0]
+    assert (row["refit_images"], row["refit_c"]) == (600, 0.05) and "refit_images" not in kept.grid[0]
+    np.testing.assert_allclose(refitted.model.norm.mean.numpy(), xa.mean(0), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(kept.model.norm.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-4)
+    z = refitted.model.norm(torch.as_tensor(xa)).double().numpy()
+    reference = LogisticRegression(C=0.05, class_weight="balanced", max_iter=5000, tol=1e-8).fit(z, ya)
+    zs = refitted.model.norm(torch.as_tensor(xs)).double().numpy()
+    np.testing.assert_allclose(predict_positive(refitted.model, xs), reference.predict_proba(zs)[:, 1], atol=2e-3)
+    assert np.abs(predict_positive(refitted.model, xs) - predict_positive(kept.model, xs)).max() > 1e-3
+    assert row["val_brier"] == pytest.approx(balanced_brier(predict_positive(kept.model, xv), yv), abs=1e-9)
+    assert "fitted again on train + val" in refitted.criterion and "again" not in kept.criterion
+
+    config = TrainConfig(epochs=4, batch_size=64, lr=3e-3, warmup_epochs=1)
+    mlp = HeadConfig(kind="mlp", hidden=16)
+    again = fit_head(x, y, xv, yv, head=mlp, config=config)
+    chosen = next(r for r in again.grid if r["chosen"])
+    assert (chosen["refit_images"], chosen["refit_epochs"]) == (600, 4)
+    best = fit_head(x, y, xv, yv, head=mlp, config=config, selection=SelectionConfig(adamw_epoch="best"))
+    assert not any("refit_images" in r for r in best.grid)
