@@ -62,6 +62,51 @@ def tiny_eva_config():
                           model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
 
 
+# Fixtures of the fault tests (tests/test_faults_*.py) that more than one of their modules uses; module
+# scope, so each module that asks builds them once.
+
+@pytest.fixture(scope="module")
+def tiny_eva_module():
+    from stage1core.backbone import BackboneConfig
+
+    return BackboneConfig(name="vit_small_patch16_dinov3", weights="random", pooling="cls+avg",
+                          model_kwargs=dict(TINY_EVA), input_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def crash_samples(tiny_demo):
+    """48 small demo images (the 12 MP one left out to keep kills quick), sorted by sample id."""
+    from stage1core.sources import SourceConfig, load_sources
+
+    samples = load_sources([SourceConfig(path=str(tiny_demo), kind="folder")]).samples
+    return [s for s in samples if os.path.getsize(s.locator) < 500_000][:48]
+
+
+@pytest.fixture(scope="module")
+def reference(crash_samples, tiny_eva_module, tmp_path_factory):
+    """The features of `crash_samples` from an uninterrupted extraction in a forked child: what the crash
+    tests compare with, and what the bundle tests train their head on."""
+    from stage1core.features import FeatureStore, extract_features
+    from tests.faults import CRASH_CFG, run_child
+
+    root = tmp_path_factory.mktemp("reference")
+    # warm up here, so forked children inherit timm's lazy imports instead of paying seconds each
+    extract_features(crash_samples[:1], tiny_eva_module, CRASH_CFG, store_root=root / "warm", progress=False)
+    info = run_child(crash_samples, tiny_eva_module, root, root, "ref")
+    ids = sorted(s.sample_id for s in crash_samples)
+    return {"info": info, "features": FeatureStore(info["store_dir"]).load(ids), "ids": ids}
+
+
+@pytest.fixture
+def keep_mlflow_tracking_uri():
+    """tasks.tracking.client() sets MLflow's process-wide tracking URI; put back the session's."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(saved)
+
+
 # Property tests: no wall-clock checks (hypothesis's per-example deadline and its too_slow health check
 # time the example generation, which a loaded machine slows down without anything being wrong; a test
 # that sets suppress_health_check itself lists too_slow again). CI runs them with a fixed seed (a red CI
