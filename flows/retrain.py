@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.train_pipeline import RegistryConfig, train_pipeline
-from stage1core.settings import comparison_config
+from stage1core.settings import TeamSettings, comparison_config
 from stage1core.sources import SourceConfig
 from tasks.pipeline import build_splits, ensure_demo_data
 from tasks.registry import (
@@ -63,18 +63,10 @@ def retrain(
     logger = get_run_logger()
     settings = load_team_settings(settings_file)
     comparison = comparison_config(settings, auto_promote=auto_promote)  # fails before any work if invalid
-    configured = list(settings.sources) or [ensure_demo_data()]
-    sources = choose_sources(configured, landed)
+    sources = choose_sources(list(settings.sources) or [ensure_demo_data()], landed)
     registry = RegistryConfig(experiment=settings.experiment, model_name=settings.model_name,
                               bundle_name=settings.model_name)
-    guarantee = settings.guarantee
-    training = dict(
-        sources=sources, splits=settings.splits, backbone=settings.backbone, features=settings.features,
-        head=settings.head, train=settings.train, selection=settings.selection, baselines=settings.baselines,
-        guarantee=guarantee, policy=settings.policy, registry=registry,
-        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
-        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
-    )
+    training = _training_parameters(settings, sources, registry)
     trigger = trigger or "manual"
     # a retrain with the same split, settings and code as an earlier one would train the same bundle
     split = build_splits(sources, settings.splits, max_quarantined_fraction=settings.max_quarantined_fraction)
@@ -85,9 +77,8 @@ def retrain(
         report = report_no_op(found, model_name=registry.model_name, trigger=trigger)
         if landed:  # the nightly run must keep reading them too, or its inputs would change
             remember_landed_sources(landed)
-        return {"report": report, "train": None, "promoted": False, "no_op": True,
-                "challenger_version": found["version"], "flow_run_id": str(flow_run.id),
-                "sources": [s.name for s in sources], "settings": settings.origin}
+        return _outcome(report, train=None, no_op=True, challenger=found["version"], sources=sources,
+                        settings=settings)
     if found is None:
         result = train_pipeline(**training)
         mark_retrained(result["mlflow_run_id"], inputs)
@@ -98,7 +89,7 @@ def retrain(
         result, challenger, mlflow_run_id, n_embedded = None, found["version"], "", 0
     report = compare_with_champion(
         model_name=registry.model_name, challenger_version=challenger, split_manifest=split.path,
-        guarantee=guarantee, config=comparison,
+        guarantee=settings.guarantee, config=comparison,
     )
     # images embedded by the feature task (0 new ones cost nothing; a cached task reports its first run)
     report["n_embedded"] = n_embedded
@@ -119,6 +110,24 @@ def retrain(
         remember_landed_sources(landed)
     logger.info("retrain: challenger v%s %s: %s", challenger,
                 "promoted to champion" if promoted else "not promoted", report["reason"])
-    return {"report": report, "train": result, "promoted": report["promoted"], "no_op": False,
+    return _outcome(report, train=result, no_op=False, challenger=challenger, sources=sources, settings=settings)
+
+
+def _training_parameters(settings: TeamSettings, sources: list[SourceConfig],
+                         registry: RegistryConfig) -> dict[str, Any]:
+    """train_pipeline's parameters for a retrain: the team settings, these sources and this registry."""
+    return dict(
+        sources=sources, splits=settings.splits, backbone=settings.backbone, features=settings.features,
+        head=settings.head, train=settings.train, selection=settings.selection, baselines=settings.baselines,
+        guarantee=settings.guarantee, policy=settings.policy, registry=registry,
+        max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
+        finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
+    )
+
+
+def _outcome(report: dict[str, Any], *, train: dict[str, Any] | None, no_op: bool, challenger: str,
+             sources: list[SourceConfig], settings: TeamSettings) -> dict[str, Any]:
+    """What retrain returns, a no-op or not."""
+    return {"report": report, "train": train, "promoted": report["promoted"], "no_op": no_op,
             "challenger_version": challenger, "flow_run_id": str(flow_run.id),
             "sources": [s.name for s in sources], "settings": settings.origin}
