@@ -17,11 +17,9 @@ import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from contextlib import closing
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from stage1core.sources import (
     parse_csv_labels,
     parse_json_labels,
 )
-from tests.common import HANG_TIMEOUT_S, tiny_run_parameters
+from tests.common import HANG_TIMEOUT_S, edited_json, encode, png_claiming, tiny_run_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8  # images per shard in the crash tests: the most a kill may cost
@@ -56,24 +54,9 @@ FORK = multiprocessing.get_context("fork")
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def photo(width: int = 48, height: int = 32, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 70-byte PNG whose header claims width x height: a decompression bomb, built without the pixels."""
-    raw = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
-    at = raw.index(b"IHDR")
-    raw[at + 4:at + 12] = struct.pack(">II", width, height)
-    raw[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(raw[at:at + 17])))
-    return bytes(raw)
 
 
 def exif_rotated(orientation: int = 6) -> bytes:
@@ -233,11 +216,12 @@ def test_json_label_parser_only_ever_raises_data_error(doc):
     assert rows and all(r.label in (0, 1) and r.path == r.path.strip() and r.path for r in rows)
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("parse", [parse_json_labels, parse_csv_labels], ids=["json", "csv"])
+@settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=300))
-def test_json_label_parser_on_arbitrary_text(text):
+def test_label_parsers_on_arbitrary_text(parse, text):
     try:
-        parse_json_labels(text, origin="labels.json")
+        parse(text, origin="labels")
     except DataError:
         pass
 
@@ -566,12 +550,12 @@ def _copy_bundle(parts, tmp_path) -> Path:
 
 def _resign(dst: Path, **changes) -> None:
     """Rewrite the manifest after a change, with matching hashes and fingerprint: only deeper checks can tell."""
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.update(changes)
-    manifest["files"] = {rel: sha256_file(dst / rel) for rel in manifest["files"]}
-    manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"], manifest["policy"],
-                                          manifest["backbone_fingerprint"], manifest["files"], manifest["inputs"])
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest.update(changes)
+        manifest["files"] = {rel: sha256_file(dst / rel) for rel in manifest["files"]}
+        manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"],
+                                              manifest["policy"], manifest["backbone_fingerprint"], manifest["files"],
+                                              manifest["inputs"])
 
 
 def test_the_untouched_bundle_loads(bundle_parts):
@@ -619,9 +603,8 @@ def test_other_format_version_is_refused_by_name(bundle_parts, tmp_path):
 
 def test_backbone_fingerprint_mismatch_is_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    backbone = json.loads((dst / "backbone.json").read_text())
-    backbone["pooling"] = "avg"  # schema-valid, a different backbone: different features
-    (dst / "backbone.json").write_text(json.dumps(backbone))
+    with edited_json(dst / "backbone.json") as backbone:
+        backbone["pooling"] = "avg"  # schema-valid, a different backbone: different features
     _resign(dst)
     with pytest.raises(BundleError, match="backbone fingerprint .* does not match the manifest"):
         load_bundle(dst, device="cpu")
@@ -629,9 +612,8 @@ def test_backbone_fingerprint_mismatch_is_refused(bundle_parts, tmp_path):
 
 def test_edited_manifest_fields_are_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["inputs"]["data_fingerprint"] = "e" * 64
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest["inputs"]["data_fingerprint"] = "e" * 64
     with pytest.raises(BundleError, match="fingerprint does not match the manifest's contents"):
         load_bundle(dst, device="cpu")
     _resign(dst, policy="gate")  # a consistent manifest that disagrees with policy.json
@@ -641,9 +623,8 @@ def test_edited_manifest_fields_are_refused(bundle_parts, tmp_path):
 
 def test_a_manifest_that_omits_a_file_the_predictor_reads_is_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    del manifest["files"]["metrics.json"]  # the file stays, unverified: it must not be read
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        del manifest["files"]["metrics.json"]  # the file stays, unverified: it must not be read
     with pytest.raises(BundleError, match="does not list \\['metrics.json'\\]"):
         load_bundle(dst, device="cpu")
 
@@ -653,12 +634,11 @@ def test_manifest_paths_cannot_escape_the_bundle(bundle_parts, tmp_path, escape)
     dst = _copy_bundle(bundle_parts, tmp_path)
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
-    manifest = json.loads((dst / "manifest.json").read_text())
-    if escape == "symlink":
-        (dst / "link.json").symlink_to(outside)
-        escape = "link.json"
-    manifest["files"][escape] = sha256_file(outside)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        if escape == "symlink":
+            (dst / "link.json").symlink_to(outside)
+            escape = "link.json"
+        manifest["files"][escape] = sha256_file(outside)
     with pytest.raises(BundleError, match="schema|outside the bundle"):
         load_bundle(dst, device="cpu")
 
@@ -1467,9 +1447,8 @@ def test_predict_on_a_directory_does_not_raise_is_a_directory(bundle_parts):
 
 def _forge_threshold(bundle: Path, threshold: float) -> None:
     """Edit the decision threshold and re-hash everything, fingerprint included: a consistent forgery."""
-    doc = json.loads((bundle / "thresholds.json").read_text())
-    doc["threshold"] = threshold
-    (bundle / "thresholds.json").write_text(json.dumps(doc))
+    with edited_json(bundle / "thresholds.json") as doc:
+        doc["threshold"] = threshold
     _resign(bundle)
 
 

@@ -34,9 +34,8 @@ from .records import (
     Sample,
     SourceConfig,
     SourceScan,
-    group_key,
 )
-from .scanning import count_images, load_sources, scan_source
+from .scanning import count_images, group_key, load_sources, scan_source
 
 __all__ = [
     "CLASS_FOLDERS",

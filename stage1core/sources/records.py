@@ -81,11 +81,6 @@ class Sample:
     group: str = ""  # "<source name>:<group id>" from the source's group column; "" when it has none
 
 
-def group_key(source: str, value: str) -> str:
-    """A group id namespaced by its source, so drive 17 of one source is not drive 17 of another."""
-    return f"{source}:{value}" if value else ""
-
-
 @dataclass
 class SourceScan:
     samples: list[Sample]  # unique by sample_id, sorted by sample_id

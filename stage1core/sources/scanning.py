@@ -24,10 +24,14 @@ from .records import (
     Sample,
     SourceConfig,
     SourceScan,
-    group_key,
 )
 
 log = logging.getLogger(__name__)
+
+
+def group_key(source: str, value: str) -> str:
+    """A group id namespaced by its source, so drive 17 of one source is not drive 17 of another."""
+    return f"{source}:{value}" if value else ""
 
 
 def _hash_workers() -> int:
