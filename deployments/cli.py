@@ -1,4 +1,10 @@
-"""`stage1`: the command line. Sets the environment to $STAGE1_HOME before Prefect is imported."""
+"""`stage1`: the command line. Sets the environment to $STAGE1_HOME before Prefect is imported.
+
+Here: the parser, running a command (home, server checks, the local Prefect server, errors for people) and
+the console script. The commands, by subject: cli_runs (demo, demo-data, train, evaluate), cli_bundles
+(predict, keygen, sign), cli_service (info, ui, serve, ingest), cli_registry (promote, rollback, history),
+cli_settings (settings).
+"""
 
 from __future__ import annotations
 
