@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
@@ -127,6 +128,11 @@ def demo_data(n_images: int, *, seed: int = 0, **fields) -> Path:
     return out
 
 
+def bench_data(n_images: int, *, quick: bool) -> Path:
+    """A benchmark's demo data: `n_images` images, without the large JPEGs in a --quick run."""
+    return demo_data(n_images, n_large=0) if quick else demo_data(n_images)
+
+
 def load_samples(path: Path):
     from stage1core.sources import SourceConfig, load_sources
 
@@ -149,6 +155,29 @@ def vit_small_backbone(pooling: str = "cls", *, tiny: bool = False):
 
     extra = {"model_kwargs": dict(TINY_VIT), "input_size": 32} if tiny else {}
     return BackboneConfig(name="vit_small_patch16_dinov3", weights=RANDOM_WEIGHTS, pooling=pooling, **extra)
+
+
+def prepared_backbone(backbone, config=None) -> SimpleNamespace:
+    """A backbone built as the product builds it (weights not verified) and its eval preprocessing:
+    `spec`, `model`, `pre` (the preprocessing spec), `transform` and `draft` (the JPEG draft size)."""
+    from stage1core.backbone import build_backbone, resolve_backbone
+    from stage1core.features import FeatureConfig, draft_size, eval_transform, preprocessing_spec
+
+    spec = resolve_backbone(backbone)
+    model = build_backbone(spec, verify=False)
+    pre = preprocessing_spec(model, spec, config or FeatureConfig())
+    return SimpleNamespace(spec=spec, model=model, pre=pre, transform=eval_transform(pre), draft=draft_size(pre))
+
+
+def decoded_images(prepared: SimpleNamespace, samples):
+    """The samples' images decoded and transformed as the product does, stacked in one tensor (beforehand,
+    so that a timed loop over them times the model alone)."""
+    import torch
+
+    from stage1core.images import decode_image
+
+    return torch.stack([prepared.transform(decode_image(Path(s.locator).read_bytes(), draft_size=prepared.draft))
+                        for s in samples])
 
 
 def cosine_rows(a, b):

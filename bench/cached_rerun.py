@@ -40,7 +40,7 @@ def main() -> None:
     from stage1core.train import TrainConfig
 
     n = 60 if args.quick else args.images
-    data = c.demo_data(n, n_large=0) if args.quick else c.demo_data(n)
+    data = c.bench_data(n, quick=args.quick)
     params = demo_parameters()
     params["sources"] = [SourceConfig(path=str(data), kind="folder", name="demo")]
     # fewer images than the 1,200-image demo: fewer calib positives, so a looser FNR target

@@ -26,28 +26,18 @@ def main() -> None:
     c.header("1. feature extraction: product vs plain timm loop", args)
     import torch
 
-    from stage1core.backbone import build_backbone, resolve_backbone
-    from stage1core.features import (
-        FeatureConfig,
-        draft_size,
-        eval_transform,
-        extract_features,
-        preprocessing_spec,
-    )
-    from stage1core.images import decode_image
+    from stage1core.features import FeatureConfig, extract_features
 
     n = 24 if args.quick else args.images
-    samples = c.load_samples(c.demo_data(n, n_large=0) if args.quick else c.demo_data(n))
+    samples = c.load_samples(c.bench_data(n, quick=args.quick))
     from stage1core.backbone import BackboneConfig
 
     backbone = c.demo_backbone() if args.backbone == "demo" else BackboneConfig(
         name="vit_small_patch16_dinov3", weights="random", pooling="avg")
     config = FeatureConfig(batch_size=32, num_workers=2, precision="fp32", device="cpu")
-    spec = resolve_backbone(backbone)
-    model = build_backbone(spec, verify=False)
-    pre = preprocessing_spec(model, spec, config)
-    transform, draft = eval_transform(pre), draft_size(pre)
-    tensors = torch.stack([transform(decode_image(Path(s.locator).read_bytes(), draft_size=draft)) for s in samples])
+    prepared = c.prepared_backbone(backbone, config)
+    model = prepared.model
+    tensors = c.decoded_images(prepared, samples)
     batches = [tensors[i:i + config.batch_size].contiguous(memory_format=torch.channels_last)
                for i in range(0, len(tensors), config.batch_size)]
     print(f"{len(samples)} demo images, {backbone.name}, batch {config.batch_size}, {config.precision}, "

@@ -37,7 +37,7 @@ def main() -> None:
     quick_train = TrainConfig(epochs=2, patience=1) if args.quick else TrainConfig()
 
     # A. real features, measured end to end
-    samples = c.load_samples(c.demo_data(n_images, n_large=0) if args.quick else c.demo_data(n_images))
+    samples = c.load_samples(c.bench_data(n_images, quick=args.quick))
     tmp = Path(tempfile.mkdtemp(prefix="bench-head-"))
     backbone = c.vit_small_backbone(pooling="avg", tiny=True) if args.quick else c.demo_backbone()
     extract_s, info = c.timed(lambda: extract_features(samples, backbone, FeatureConfig(batch_size=32), store_root=tmp,

@@ -20,7 +20,7 @@ def main() -> None:
     from stage1core.features import FeatureConfig, extract_features
 
     n = 40 if args.quick else args.images
-    samples = sorted(c.load_samples(c.demo_data(n, n_large=0) if args.quick else c.demo_data(n)),
+    samples = sorted(c.load_samples(c.bench_data(n, quick=args.quick)),
                      key=lambda s: s.sample_id)
     old = [s for i, s in enumerate(samples) if i % 10 != 0]  # every tenth image is "new"
     backbone = c.demo_backbone()

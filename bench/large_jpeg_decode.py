@@ -21,17 +21,15 @@ def main() -> None:
     import torch
     from PIL import Image, ImageOps
 
-    from stage1core.backbone import build_backbone, embed, resolve_backbone
-    from stage1core.features import FeatureConfig, draft_size, eval_transform, preprocessing_spec
+    from stage1core.backbone import embed
     from stage1core.images import decode_image
 
     n = 2 if args.quick else 8
     root = c.demo_data(n, n_large=n, png_fraction=0.0, exif_fraction=0.0)
     files = [Path(s.locator).read_bytes() for s in c.load_samples(root)]
-    spec = resolve_backbone(c.demo_backbone())
-    model = build_backbone(spec, verify=False)
-    pre = preprocessing_spec(model, spec, FeatureConfig())
-    transform, draft = eval_transform(pre), draft_size(pre)
+    prepared = c.prepared_backbone(c.demo_backbone())
+    spec, model, pre = prepared.spec, prepared.model, prepared.pre
+    transform, draft = prepared.transform, prepared.draft
     sizes = {Image.open(io.BytesIO(b)).size for b in files}
     print(f"{len(files)} JPEGs of {sorted(sizes)}, draft target {draft} px, output {pre['input_size'][1:]}")
 

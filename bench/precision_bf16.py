@@ -24,32 +24,21 @@ def main() -> None:
     c.header("3. precision: fp32 vs bf16 autocast", args)
     import torch
 
-    from stage1core.backbone import build_backbone, embed, resolve_backbone
-    from stage1core.features import (
-        FeatureConfig,
-        FeatureStore,
-        draft_size,
-        eval_transform,
-        extract_features,
-        preprocessing_spec,
-    )
-    from stage1core.images import decode_image
+    from stage1core.backbone import embed
+    from stage1core.features import FeatureConfig, FeatureStore, extract_features
 
     n = 24 if args.quick else args.images
-    samples = c.load_samples(c.demo_data(n, n_large=0) if args.quick else c.demo_data(n))
+    samples = c.load_samples(c.bench_data(n, quick=args.quick))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = 32
     results = {}
     models = {"tf_efficientnet_lite0 (demo weights)": c.demo_backbone(),
               "vit_small_patch16_dinov3 (random init)": c.vit_small_backbone(tiny=args.quick)}
     for label, backbone in models.items():
-        spec = resolve_backbone(backbone)
-        model = build_backbone(spec, verify=False).to(device)
-        pre = preprocessing_spec(model, spec, FeatureConfig())
-        transform, draft = eval_transform(pre), draft_size(pre)
+        prepared = c.prepared_backbone(backbone)
+        spec, model = prepared.spec, prepared.model.to(device)
         count = min(len(samples), 4 if args.quick else args.speed_images)
-        x = torch.stack([transform(decode_image(Path(s.locator).read_bytes(), draft_size=draft))
-                         for s in samples[:count]]).to(device)
+        x = c.decoded_images(prepared, samples[:count]).to(device)
         batches = list(x.split(batch))
 
         def run(bf16: bool, batches=batches, model=model, pooling=spec.pooling):

@@ -52,7 +52,7 @@ def main() -> None:
     from stage1core.bundle import load_bundle
 
     n = 2 if args.quick else args.images
-    samples = c.load_samples(c.demo_data(24, n_large=0) if args.quick else c.demo_data(600))[:n]
+    samples = c.load_samples(c.bench_data(24 if args.quick else 600, quick=args.quick))[:n]
     images = [Path(s.locator).read_bytes() for s in samples]
     batch = 32
     for label, backbone in (("tf_efficientnet_lite0 (demo weights)", c.demo_backbone()),

@@ -91,7 +91,7 @@ def main() -> None:
               "backbone": c.vit_small_backbone(pooling="cls+avg", tiny=True) if args.quick else c.demo_backbone(),
               "guarantee": GuaranteeConfig(alpha=0.2 if args.quick else 0.05, delta=0.2 if args.quick else 0.05),
               "registry": RegistryConfig(register=False, bundle_name="fashion-quality")}
-    if args.demo:  # `make demo`'s ratios (deployments/cli.py demo_parameters)
+    if args.demo:  # `make demo`'s ratios (deployments/cli_runs.py demo_parameters)
         params["splits"] = SplitConfig(train=0.55, val=0.10, calib=0.20, test=0.15)
     if args.quick:
         params["train"] = TrainConfig(epochs=3)

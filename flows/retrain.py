@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.train_pipeline import parameters_from_settings, train_pipeline
-from stage1core.settings import comparison_config
+from stage1core.settings import TeamSettings, comparison_config
 from stage1core.sources import SourceConfig
 from tasks.pipeline import build_splits, ensure_demo_data
 from tasks.registry import (
@@ -66,7 +66,7 @@ def retrain(
     sources = choose_sources(configured, landed)
     # every train_pipeline parameter, from the settings (a new parameter is added there, not here)
     training = parameters_from_settings(settings, sources)
-    registry, guarantee = training["registry"], training["guarantee"]
+    registry = training["registry"]
     trigger = trigger or "manual"
     # a retrain with the same split, settings and code as an earlier one would train the same bundle
     split = build_splits(sources, settings.splits, max_quarantined_fraction=settings.max_quarantined_fraction)
@@ -77,9 +77,8 @@ def retrain(
         report = report_no_op(found, model_name=registry.model_name, trigger=trigger)
         if landed:  # the nightly run must keep reading them too, or its inputs would change
             remember_landed_sources(landed)
-        return {"report": report, "train": None, "promoted": False, "no_op": True,
-                "challenger_version": found["version"], "flow_run_id": str(flow_run.id),
-                "sources": [s.name for s in sources], "settings": settings.origin}
+        return _outcome(report, train=None, no_op=True, challenger=found["version"], sources=sources,
+                        settings=settings)
     if found is None:
         result = train_pipeline(**training)
         mark_retrained(result["mlflow_run_id"], inputs)
@@ -90,7 +89,7 @@ def retrain(
         result, challenger, mlflow_run_id, n_embedded = None, found["version"], "", 0
     report = compare_with_champion(
         model_name=registry.model_name, challenger_version=challenger, split_manifest=split.path,
-        guarantee=guarantee, config=comparison,
+        guarantee=settings.guarantee, config=comparison,
     )
     # images embedded by the feature task (0 new ones cost nothing; a cached task reports its first run)
     report["n_embedded"] = n_embedded
@@ -111,6 +110,13 @@ def retrain(
         remember_landed_sources(landed)
     logger.info("retrain: challenger v%s %s: %s", challenger,
                 "promoted to champion" if promoted else "not promoted", report["reason"])
-    return {"report": report, "train": result, "promoted": report["promoted"], "no_op": False,
+    return _outcome(report, train=result, no_op=False, challenger=challenger, sources=sources, settings=settings)
+
+
+
+def _outcome(report: dict[str, Any], *, train: dict[str, Any] | None, no_op: bool, challenger: str,
+             sources: list[SourceConfig], settings: TeamSettings) -> dict[str, Any]:
+    """What retrain returns, a no-op or not."""
+    return {"report": report, "train": train, "promoted": report["promoted"], "no_op": no_op,
             "challenger_version": challenger, "flow_run_id": str(flow_run.id),
             "sources": [s.name for s in sources], "settings": settings.origin}

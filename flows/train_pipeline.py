@@ -13,8 +13,9 @@ from prefect.runtime import flow_run
 
 from stage1core.backbone import BackboneConfig
 from stage1core.baselines import BaselineConfig
+from stage1core.bundle import BundleInfo
 from stage1core.config import describe_fields
-from stage1core.features import FeatureConfig
+from stage1core.features import FeatureConfig, FeatureSetInfo
 from stage1core.finetune import FinetuneConfig
 from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
@@ -26,6 +27,9 @@ from stage1core.splits import SplitConfig
 from stage1core.train import SelectionConfig, TrainConfig
 from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_backbone, head_ref_of
 from tasks.pipeline import (
+    EvalRef,
+    HeadRef,
+    SplitRef,
     build_splits,
     calibrate,
     check_quarantine,
@@ -70,6 +74,8 @@ class RegistryConfig:
     bundle_name: str = "stage1-roadwork"
 
 
+# Long on purpose: half of it is the signature and the Args the Prefect form shows, the rest the pipeline's
+# steps in order, read top to bottom.
 # a crashed run ends its MLflow run; one stopped by Ctrl-C or SIGTERM is recorded as Cancelled (tasks/runs.py)
 @flow(name="train-pipeline", log_prints=True, on_crashed=[end_crashed_run])
 def train_pipeline(
@@ -163,16 +169,10 @@ def train_pipeline(
                                policy_files=policy_files, evaluation=evaluation, backbone=spec,
                                baselines=judged, backbone_mode=backbone_mode, adapter_dir=adapter_dir,
                                merge_adapters=merge_adapters)
-        params = {name: dataclasses.asdict(cfg) for name, cfg in (
-            ("splits", splits), ("backbone", backbone), ("features", features), ("head", head),
-            ("train", train), ("selection", selection), ("baselines", baselines), ("guarantee", guarantee),
-            ("policy", policy))}
-        params["backbone_mode"] = backbone_mode
-        if backbone_mode != "frozen":
-            params["finetune"] = finetune.to_json()
-            params["launch"] = dataclasses.asdict(launch)
-        params["sources"] = [dataclasses.asdict(s) for s in sources]
-        log_params(run["run_id"], params)
+        log_params(run["run_id"], _run_params(
+            sources, splits=splits, backbone=backbone, features=features, head=head, train=train,
+            selection=selection, baselines=baselines, guarantee=guarantee, policy=policy,
+            backbone_mode=backbone_mode, finetune=finetune, launch=launch))
         client_tags = {"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
                        "split_salt": splits.salt, "bundle_fingerprint": bundle.fingerprint,
                        "features_fingerprint": feats.fingerprint, "policy": policy.policy}
@@ -202,11 +202,33 @@ def train_pipeline(
     seconds = time.perf_counter() - started
     logger.info("train-pipeline finished in %.1fs: test MCC %s, bundle %s", seconds,
                 evaluation.metrics.get("mcc"), bundle.path)
+    return _pipeline_result(evaluation, bundle=bundle, head=head_ref, feats=feats, split=split, run=run,
+                            thresholds=thresholds, baselines=judged, registered=registered, quarantine=quarantine,
+                            seconds=seconds)
+
+
+def _run_params(sources: list[SourceConfig], *, backbone_mode: str, finetune: FinetuneConfig, launch: LaunchConfig,
+                **configs: Any) -> dict[str, Any]:
+    """The MLflow run's params: every stage's config (fine-tuning's only when it ran) and the sources."""
+    params = {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+    params["backbone_mode"] = backbone_mode
+    if backbone_mode != "frozen":
+        params["finetune"] = finetune.to_json()
+        params["launch"] = dataclasses.asdict(launch)
+    params["sources"] = [dataclasses.asdict(s) for s in sources]
+    return params
+
+
+def _pipeline_result(evaluation: EvalRef, *, bundle: BundleInfo, head: HeadRef, feats: FeatureSetInfo,
+                     split: SplitRef, run: dict[str, Any], thresholds: dict[str, Any],
+                     baselines: dict[str, Any] | None, registered: dict[str, Any] | None,
+                     quarantine: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """What train_pipeline returns (the CLI prints it; retrain and the tests read it)."""
     return {
         "metrics": evaluation.metrics, "thresholds": thresholds, "bundle_path": bundle.path,
-        "head": {"kind": head_ref.kind, "chosen": head_ref.chosen, "n_candidates": head_ref.n_candidates,
-                 "best_epoch": head_ref.best_epoch},
-        "baselines": judged,
+        "head": {"kind": head.kind, "chosen": head.chosen, "n_candidates": head.n_candidates,
+                 "best_epoch": head.best_epoch},
+        "baselines": baselines,
         "bundle_fingerprint": bundle.fingerprint, "mlflow_run_id": run["run_id"], "mlflow_run_url": run["url"],
         "experiment_id": run["experiment_id"], "registered": registered, "split_counts": split.counts,
         "split_manifest": split.path,

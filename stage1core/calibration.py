@@ -100,6 +100,20 @@ def _require_fitted(obj: Any, attr: str) -> None:
         raise ValueError(f"{type(obj).__name__} is not fitted: call fit() on the calib split first")
 
 
+def _document(calibrator: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """A fitted calibrator's JSON: its kind, the schema version and `fields`, checked against the schema."""
+    doc = {"kind": calibrator.kind, "schema_version": SCHEMA_VERSION, **fields}
+    validate_json(doc, "calibration")
+    return doc
+
+
+def _check_document(d: dict[str, Any], kind: str) -> None:
+    """A calibrator JSON about to be read: valid under the schema, and of this kind."""
+    validate_json(d, "calibration")
+    if d.get("kind") != kind:
+        raise ValueError(f"expected a {kind!r} calibrator JSON, got kind {d.get('kind')!r}")
+
+
 # ---------------------------------------------------------------- Platt scaling
 
 
@@ -162,23 +176,18 @@ class PlattScaling:
 
     def to_json(self) -> dict[str, Any]:
         _require_fitted(self, "a")
-        obj = {
-            "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
+        return _document(self, {
             "score": self.score,
             "target": self.target,
             "a": float(self.a),
             "b": float(self.b),
             "n_pos": self.n_pos,
             "n_neg": self.n_neg,
-        }
-        validate_json(obj, "calibration")
-        return obj
+        })
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PlattScaling:
-        validate_json(d, "calibration")
-        _check_kind(d, cls.kind)
+        _check_document(d, cls.kind)
         obj = cls(score=d["score"], target=d["target"])
         obj.a, obj.b = float(d["a"]), float(d["b"])
         obj.n_pos, obj.n_neg = int(d["n_pos"]), int(d["n_neg"])
@@ -255,19 +264,14 @@ class TemperatureScaling:
 
     def to_json(self) -> dict[str, Any]:
         _require_fitted(self, "temperature")
-        obj = {
-            "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
+        return _document(self, {
             "temperature": float(self.temperature),
             "n_calib": self.n_calib,
-        }
-        validate_json(obj, "calibration")
-        return obj
+        })
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TemperatureScaling:
-        validate_json(d, "calibration")
-        _check_kind(d, cls.kind)
+        _check_document(d, cls.kind)
         obj = cls()
         obj.temperature = float(d["temperature"])
         obj.n_calib = int(d["n_calib"])
@@ -420,9 +424,7 @@ class DirichletCalibration:
 
     def to_json(self) -> dict[str, Any]:
         _require_fitted(self, "weights")
-        obj = {
-            "kind": self.kind,
-            "schema_version": SCHEMA_VERSION,
+        return _document(self, {
             "num_classes": int(self.weights.shape[0]),
             "weights": [[float(v) for v in row] for row in self.weights],
             "intercepts": [float(v) for v in self.intercepts],
@@ -430,14 +432,11 @@ class DirichletCalibration:
             "reg_mu": float(self.reg_mu),
             "eps": float(self.eps),
             "n_calib": self.n_calib,
-        }
-        validate_json(obj, "calibration")
-        return obj
+        })
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DirichletCalibration:
-        validate_json(d, "calibration")
-        _check_kind(d, cls.kind)
+        _check_document(d, cls.kind)
         k = int(d["num_classes"])
         w = np.asarray(d["weights"], dtype=np.float64)
         b = np.asarray(d["intercepts"], dtype=np.float64)
@@ -462,11 +461,6 @@ class DirichletCalibration:
 _CALIBRATORS: dict[str, type] = {
     cls.kind: cls for cls in (PlattScaling, TemperatureScaling, DirichletCalibration)
 }
-
-
-def _check_kind(d: dict[str, Any], kind: str) -> None:
-    if d.get("kind") != kind:
-        raise ValueError(f"expected a {kind!r} calibrator JSON, got kind {d.get('kind')!r}")
 
 
 def load_calibrator(d: dict[str, Any]) -> PlattScaling | TemperatureScaling | DirichletCalibration:

@@ -3,16 +3,13 @@ fuzzing, a forked feature-extraction child, and the `stage1` command run as a de
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from contextlib import closing
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from stage1core.features import FeatureConfig, extract_features
-from tests.common import HANG_TIMEOUT_S, tiny_run_parameters
+from tests.common import HANG_TIMEOUT_S, encode, png_claiming, tiny_run_parameters  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 8  # images per shard in the crash tests: the most a kill may cost
@@ -31,24 +28,9 @@ CRASH_CFG = FeatureConfig(batch_size=BATCH, num_workers=0, shard_size=SHARD, dev
 FORK = multiprocessing.get_context("fork")
 
 
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
 def photo(width: int = 48, height: int = 32, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A 70-byte PNG whose header claims width x height: a decompression bomb, built without the pixels."""
-    raw = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
-    at = raw.index(b"IHDR")
-    raw[at + 4:at + 12] = struct.pack(">II", width, height)
-    raw[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(raw[at:at + 17])))
-    return bytes(raw)
 
 
 def exif_rotated(orientation: int = 6) -> bytes:

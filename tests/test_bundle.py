@@ -1,4 +1,3 @@
-import json
 import shutil
 
 import numpy as np
@@ -11,6 +10,7 @@ from stage1core.features import FeatureConfig, FeatureStore, extract_features
 from stage1core.guarantees import GuaranteeConfig, fnr_threshold
 from stage1core.sources import SourceConfig, load_sources
 from stage1core.train import TrainConfig, fit_head, predict_positive, save_head
+from tests.common import edited_json
 
 CFG = FeatureConfig(batch_size=16, num_workers=0)
 
@@ -106,21 +106,18 @@ def test_schema_violation_with_matching_hash_is_refused(built, tmp_path):
     from stage1core.fingerprint import sha256_file
 
     dst = _copy(built, tmp_path)
-    thr = json.loads((dst / "thresholds.json").read_text())
-    thr["alpha"] = 3.0  # outside (0, 1)
-    (dst / "thresholds.json").write_text(json.dumps(thr))
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["files"]["thresholds.json"] = sha256_file(dst / "thresholds.json")
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "thresholds.json") as thr:
+        thr["alpha"] = 3.0  # outside (0, 1)
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest["files"]["thresholds.json"] = sha256_file(dst / "thresholds.json")
     with pytest.raises(BundleError, match="thresholds.*alpha"):
         load_bundle(dst)
 
 
 def test_manifest_paths_cannot_escape(built, tmp_path):
     dst = _copy(built, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["files"]["../outside.json"] = "0" * 64
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest["files"]["../outside.json"] = "0" * 64
     with pytest.raises(BundleError, match="schema"):
         load_bundle(dst)
 

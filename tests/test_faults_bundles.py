@@ -23,7 +23,7 @@ from stage1core.bundle import BundleError, export_bundle, load_bundle, read_mani
 from stage1core.features import FeatureStore
 from stage1core.fingerprint import fingerprint, sha256_file
 from stage1core.images import ImageDecodeError
-from tests.common import HANG_TIMEOUT_S
+from tests.common import HANG_TIMEOUT_S, edited_json
 from tests.faults import (
     FORK,
     ROOT,
@@ -73,12 +73,12 @@ def _copy_bundle(parts, tmp_path) -> Path:
 
 def _resign(dst: Path, **changes) -> None:
     """Rewrite the manifest after a change, with matching hashes and fingerprint: only deeper checks can tell."""
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.update(changes)
-    manifest["files"] = {rel: sha256_file(dst / rel) for rel in manifest["files"]}
-    manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"], manifest["policy"],
-                                          manifest["backbone_fingerprint"], manifest["files"], manifest["inputs"])
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest.update(changes)
+        manifest["files"] = {rel: sha256_file(dst / rel) for rel in manifest["files"]}
+        manifest["fingerprint"] = fingerprint("bundle", manifest["format_version"], manifest["name"],
+                                              manifest["policy"], manifest["backbone_fingerprint"], manifest["files"],
+                                              manifest["inputs"])
 
 
 def test_the_untouched_bundle_loads(bundle_parts):
@@ -126,9 +126,8 @@ def test_other_format_version_is_refused_by_name(bundle_parts, tmp_path):
 
 def test_backbone_fingerprint_mismatch_is_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    backbone = json.loads((dst / "backbone.json").read_text())
-    backbone["pooling"] = "avg"  # schema-valid, a different backbone: different features
-    (dst / "backbone.json").write_text(json.dumps(backbone))
+    with edited_json(dst / "backbone.json") as backbone:
+        backbone["pooling"] = "avg"  # schema-valid, a different backbone: different features
     _resign(dst)
     with pytest.raises(BundleError, match="backbone fingerprint .* does not match the manifest"):
         load_bundle(dst, device="cpu")
@@ -136,9 +135,8 @@ def test_backbone_fingerprint_mismatch_is_refused(bundle_parts, tmp_path):
 
 def test_edited_manifest_fields_are_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["inputs"]["data_fingerprint"] = "e" * 64
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        manifest["inputs"]["data_fingerprint"] = "e" * 64
     with pytest.raises(BundleError, match="fingerprint does not match the manifest's contents"):
         load_bundle(dst, device="cpu")
     _resign(dst, policy="gate")  # a consistent manifest that disagrees with policy.json
@@ -148,9 +146,8 @@ def test_edited_manifest_fields_are_refused(bundle_parts, tmp_path):
 
 def test_a_manifest_that_omits_a_file_the_predictor_reads_is_refused(bundle_parts, tmp_path):
     dst = _copy_bundle(bundle_parts, tmp_path)
-    manifest = json.loads((dst / "manifest.json").read_text())
-    del manifest["files"]["metrics.json"]  # the file stays, unverified: it must not be read
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        del manifest["files"]["metrics.json"]  # the file stays, unverified: it must not be read
     with pytest.raises(BundleError, match="does not list \\['metrics.json'\\]"):
         load_bundle(dst, device="cpu")
 
@@ -160,12 +157,11 @@ def test_manifest_paths_cannot_escape_the_bundle(bundle_parts, tmp_path, escape)
     dst = _copy_bundle(bundle_parts, tmp_path)
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
-    manifest = json.loads((dst / "manifest.json").read_text())
-    if escape == "symlink":
-        (dst / "link.json").symlink_to(outside)
-        escape = "link.json"
-    manifest["files"][escape] = sha256_file(outside)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with edited_json(dst / "manifest.json") as manifest:
+        if escape == "symlink":
+            (dst / "link.json").symlink_to(outside)
+            escape = "link.json"
+        manifest["files"][escape] = sha256_file(outside)
     with pytest.raises(BundleError, match="schema|outside the bundle"):
         load_bundle(dst, device="cpu")
 
@@ -431,9 +427,8 @@ def test_predict_on_a_directory_does_not_raise_is_a_directory(bundle_parts):
 
 def _forge_threshold(bundle: Path, threshold: float) -> None:
     """Edit the decision threshold and re-hash everything, fingerprint included: a consistent forgery."""
-    doc = json.loads((bundle / "thresholds.json").read_text())
-    doc["threshold"] = threshold
-    (bundle / "thresholds.json").write_text(json.dumps(doc))
+    with edited_json(bundle / "thresholds.json") as doc:
+        doc["threshold"] = threshold
     _resign(bundle)
 
 

@@ -173,11 +173,12 @@ def test_json_label_parser_only_ever_raises_data_error(doc):
     assert rows and all(r.label in (0, 1) and r.path == r.path.strip() and r.path for r in rows)
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("parse", [parse_json_labels, parse_csv_labels], ids=["json", "csv"])
+@settings(max_examples=200, deadline=None)
 @given(text=st.text(max_size=300))
-def test_json_label_parser_on_arbitrary_text(text):
+def test_label_parsers_on_arbitrary_text(parse, text):
     try:
-        parse_json_labels(text, origin="labels.json")
+        parse(text, origin="labels")
     except DataError:
         pass
 

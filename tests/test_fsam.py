@@ -228,22 +228,15 @@ def test_training_step_refuses_what_it_cannot_do_right():
     model = tiny_mlp()
     batches = classification_batches(1, 4)
     fsam = make_optimizer(model.parameters(), lr=1e-2)
+
+    def step(*, scaler, gradient_accumulation_steps: int) -> None:
+        accelerator = SimpleNamespace(scaler=scaler, gradient_accumulation_steps=gradient_accumulation_steps)
+        fsam_training_step(model, cross_entropy, fsam, micro_batches=batches, accelerator=accelerator)
+
     with pytest.raises(ValueError, match="fp16"):
-        fsam_training_step(
-            model,
-            cross_entropy,
-            fsam,
-            micro_batches=batches,
-            accelerator=SimpleNamespace(scaler=object(), gradient_accumulation_steps=1),
-        )
+        step(scaler=object(), gradient_accumulation_steps=1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
-        fsam_training_step(
-            model,
-            cross_entropy,
-            fsam,
-            micro_batches=batches,
-            accelerator=SimpleNamespace(scaler=None, gradient_accumulation_steps=4),
-        )
+        step(scaler=None, gradient_accumulation_steps=4)
     with pytest.raises(TypeError, match="FSAM"):
         fsam_training_step(model, cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1), micro_batches=batches)
     with pytest.raises(RuntimeError, match="without first_step"):

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from stage1core.images import MAX_PIXELS, ImageDecodeError, decode_image
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
+from tests.common import encode, png_claiming
 
 
 def halves(width: int, height: int, left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
@@ -46,15 +39,6 @@ def with_orientation(image: Image.Image, orientation: int, **kwargs) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(image, "JPEG", exif=exif.tobytes(), quality=95, **kwargs)
-
-
-def png_with_size(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (its pixel data is a tiny fake): a decompression bomb."""
-    raw = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
-    ihdr = raw.index(b"IHDR")
-    raw[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    raw[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr : ihdr + 17])))
-    return bytes(raw)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -109,7 +93,7 @@ def test_too_large_raises_before_decoding(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     side = int((MAX_PIXELS + 1) ** 0.5) + 1
     with pytest.raises(ImageDecodeError, match="too large"):
-        decode_image(png_with_size(side, side))
+        decode_image(png_claiming(side, side))
 
 
 def test_max_pixels_is_per_call():

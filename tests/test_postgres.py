@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.common import HANG_TIMEOUT_S, tiny_run_parameters
-from tests.test_servers import HTTP_TIMEOUT_S, ROOT, Processes, exe, free_port, wait_until
+from tests.test_servers import HTTP_TIMEOUT_S, ROOT, Processes, exe, free_port, server_env, wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "stage1-postgres-test"
@@ -95,15 +95,7 @@ def test_train_pipeline_against_prefect_and_mlflow_servers_on_postgres(tiny_demo
     from mlflow.tracking import MlflowClient
 
     pport, mport = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({
-        "STAGE1_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{pport}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "home" / "prefect" / "results"),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mport}", "HF_HUB_OFFLINE": "1", "GIT_PYTHON_REFRESH": "quiet",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    })
+    env = server_env(tmp_path, prefect_port=pport, mlflow_port=mport, log_level="WARNING")
     with postgres_cluster() as port, Processes(tmp_path) as procs:
         dsn = f"postgresql://postgres@127.0.0.1:{port}"
         prefect = procs.start("prefect-server", [exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port",

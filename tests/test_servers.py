@@ -45,6 +45,22 @@ def exe(name: str) -> str:
     return str(BIN / name)
 
 
+def server_env(tmp: Path, *, prefect_port: int, mlflow_port: int, log_level: str = "INFO") -> dict[str, str]:
+    """This process's environment less its Prefect and MLflow settings, pointed at a Prefect and an MLflow
+    server on these ports, with all state under `tmp`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({
+        "STAGE1_HOME": str(tmp / "home"), "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": log_level,
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "home" / "prefect" / "results"),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "HF_HUB_OFFLINE": "1", "GIT_PYTHON_REFRESH": "quiet",
+        # the package may not be installed in the interpreter running the tests (it is in make's .venv)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    })
+    return env
+
+
 class Processes:
     """Started subprocesses, each in its own session, stopped (TERM, then KILL) on exit."""
 
@@ -119,16 +135,7 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = HANG_TIMEOUT_S) ->
 def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("servers")
     pport, mport = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({
-        "STAGE1_HOME": str(tmp / "home"), "PREFECT_HOME": str(tmp / "prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{pport}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp / "home" / "prefect" / "results"),
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mport}", "HF_HUB_OFFLINE": "1", "GIT_PYTHON_REFRESH": "quiet",
-        # the package may not be installed in the interpreter running the tests (it is in make's .venv)
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    })
+    env = server_env(tmp, prefect_port=pport, mlflow_port=mport)
     with Processes(tmp) as procs:
         procs.start("prefect-server", [exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                        str(pport), "--no-ui"], env)

@@ -442,15 +442,6 @@ def test_csv_parser_only_ever_raises_data_error(tmp_path, rows):
     assert len(scan.samples) + scan.duplicates + len(scan.quarantined) == len(parsed)
 
 
-@settings(max_examples=200, deadline=None)
-@given(text=st.text(max_size=200))
-def test_csv_parser_on_arbitrary_text(text):
-    try:
-        parse_csv_labels(text, origin="fuzz.csv")
-    except DataError:
-        pass
-
-
 # ----------------------------------------------------------------------------------------------- groups
 
 
