@@ -30,8 +30,9 @@ def main() -> None:
     import numpy as np
 
     from stage1core.features import FeatureConfig, FeatureStore, extract_features
+    from stage1core.selection import SelectionConfig
     from stage1core.splits import SplitConfig, make_splits
-    from stage1core.train import SelectionConfig, TrainConfig, fit_head
+    from stage1core.train import TrainConfig, fit_head
 
     n_images, n, probe = (80, 2_000, 4) if args.quick else (args.images, args.n, args.probe_images)
     quick_train = TrainConfig(epochs=2, patience=1) if args.quick else TrainConfig()

@@ -21,10 +21,11 @@ from stage1core.guarantees import GuaranteeConfig
 from stage1core.heads import HeadConfig
 from stage1core.modes import check_backbone_mode
 from stage1core.policy import PolicyConfig
+from stage1core.selection import SelectionConfig
 from stage1core.settings import TeamSettings
 from stage1core.sources import SourceConfig
 from stage1core.splits import SplitConfig
-from stage1core.train import SelectionConfig, TrainConfig
+from stage1core.train import TrainConfig
 from tasks.finetune import LaunchConfig, extract_adapted_features_task, fit_backbone, head_ref_of
 from tasks.pipeline import (
     EvalRef,

@@ -18,8 +18,8 @@ from .heads import HeadConfig, positive_probability
 from .images import ImageDataset, collate_images
 from .losses import class_weighted_ce, selectivenet_loss
 from .metrics import binary_metrics
+from .selection import balanced_brier
 from .sources import DataError
-from .train import balanced_brier
 
 
 class AdaptedClassifier(nn.Module):

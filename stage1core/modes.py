@@ -16,7 +16,8 @@ from typing import Any
 from .baselines import BaselineConfig
 from .features import FeatureConfig
 from .finetune import FinetuneConfig
-from .train import SelectionConfig, TrainConfig
+from .selection import SelectionConfig
+from .train import TrainConfig
 
 FINETUNE_MODES = ("lora", "dora")
 BACKBONE_MODES = ("frozen", *FINETUNE_MODES)

@@ -38,10 +38,11 @@ from .heads import HeadConfig
 from .home import stage1_home
 from .modes import BackboneModeError, check_backbone_mode
 from .policy import PolicyConfig
+from .selection import SelectionConfig
 from .sources import SourceConfig
 from .splits import SplitConfig
 from .storage import atomic_write_json, atomic_write_text
-from .train import SelectionConfig, TrainConfig
+from .train import TrainConfig
 
 SETTINGS_ENV = "STAGE1_SETTINGS"
 SETTINGS_FILE = "settings.toml"

@@ -31,6 +31,7 @@ from stage1core.heads import HeadConfig, feature_views
 from stage1core.home import bundle_signing_key, home_path
 from stage1core.near_duplicates import find_near_duplicates
 from stage1core.policy import FittedPolicy, PolicyConfig, fit_policy
+from stage1core.selection import SelectionConfig
 from stage1core.sources import DataError, LabelConflictError, SourceConfig, load_sources
 from stage1core.splits import (
     SplitConfig,
@@ -42,7 +43,7 @@ from stage1core.splits import (
     write_split_manifest,
 )
 from stage1core.storage import atomic_write_json
-from stage1core.train import SelectionConfig, TrainConfig, head_fingerprint, head_outputs, load_head, save_head
+from stage1core.train import TrainConfig, head_fingerprint, head_outputs, load_head, save_head
 from stage1core.train import fit_head as train_head
 from tasks.logs import run_logger
 

@@ -11,7 +11,8 @@ from stage1core.features import FeatureConfig
 from stage1core.finetune import FinetuneConfig
 from stage1core.modes import BackboneModeError, changed_fields, check_backbone_mode
 from stage1core.peft import AdapterConfig
-from stage1core.train import SelectionConfig, TrainConfig
+from stage1core.selection import SelectionConfig
+from stage1core.train import TrainConfig
 
 LORA = FinetuneConfig(adapter=AdapterConfig(method="lora"))
 

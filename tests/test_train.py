@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from stage1core.heads import STANDARD_CLIP, FeatureView, HeadConfig, build_head, feature_views
-from stage1core.train import (
-    Candidate,
-    SelectionConfig,
-    TrainConfig,
-    balanced_brier,
-    fit_head,
-    head_grid,
-    load_head,
-    predict_positive,
-    save_head,
-    select_candidate,
-    standard_errors_allowed,
-)
+from stage1core.selection import Candidate, SelectionConfig, balanced_brier, select_candidate, standard_errors_allowed
+from stage1core.train import TrainConfig, fit_head, head_grid, load_head, predict_positive, save_head
 
 ONE = SelectionConfig(enabled=False)  # one head, trained by the AdamW loop
 
