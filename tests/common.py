@@ -58,3 +58,59 @@ def png_claiming(width: int, height: int) -> bytes:
     raw[at + 4:at + 12] = struct.pack(">II", width, height)
     raw[at + 17:at + 21] = struct.pack(">I", zlib.crc32(bytes(raw[at:at + 17])))
     return bytes(raw)
+
+
+# The operations tests (test_operations, test_promotion, test_deployments): their registered model, MLflow
+# experiment and team settings file. The stage1core imports stay inside the functions (see the docstring).
+MODEL = "stage1-ops-test"
+EXPERIMENT = "ops-test"
+# the default rule (MCC lower bound > 0, AUROC and FNR non-inferior), except: ~25 test images per class
+# here (the default asks 200), fewer resamples, and the issue's floor lowered so that a random-init model
+# can be champion at all; as a team writes it in [promotion]
+PROMOTION = {"n_bootstrap": 500, "min_test_per_class": 15, "floor": {"min_mcc": -1.0, "min_auroc": 0.0}}
+
+
+def team_settings(*folders, pretrained: bool = True, **over):
+    """The team settings of the operations tests: EfficientNet-Lite0, pretrained or random-init, on `folders`."""
+    from stage1core.backbone import DEMO_PACKAGE_WEIGHTS, RANDOM_WEIGHTS, BackboneConfig
+    from stage1core.baselines import BaselineConfig
+    from stage1core.features import FeatureConfig
+    from stage1core.guarantees import GuaranteeConfig
+    from stage1core.settings import TeamSettings
+    from stage1core.sources import SourceConfig
+    from stage1core.splits import SplitConfig
+    from stage1core.train import TrainConfig
+
+    base = {
+        "model_name": MODEL, "experiment": EXPERIMENT,
+        "sources": tuple(SourceConfig(path=str(f), kind="folder", name=f.name) for f in folders),
+        "splits": SplitConfig(train=0.4, val=0.1, calib=0.2, test=0.3),
+        "backbone": BackboneConfig(name="tf_efficientnet_lite0", pooling="avg",
+                                   weights=DEMO_PACKAGE_WEIGHTS if pretrained else RANDOM_WEIGHTS),
+        "features": FeatureConfig(batch_size=32, num_workers=0),
+        "train": TrainConfig(epochs=4, batch_size=32),
+        "guarantee": GuaranteeConfig(alpha=0.2, delta=0.2),
+        "promotion": PROMOTION,
+        # the rule is tested here; the baseline gate has its own test (test_promotion)
+        "baselines": BaselineConfig(margin=0.9),
+    }
+    base.update(over)
+    return TeamSettings(**base)
+
+
+def settings_file(path, *folders, **over) -> str:
+    """`team_settings(*folders, **over)` written to `path` as a team settings file; its path."""
+    from stage1core.settings import write_settings
+
+    return str(write_settings(team_settings(*folders, **over), path, force=True))
+
+
+def artifacts_of(flow_run_id: str) -> dict[str, object]:
+    """The Prefect artifacts of a flow run, by key (needs the Prefect test server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in found}

@@ -209,7 +209,7 @@ def test_run_shows_head_selection_and_baselines_everywhere(first_run):
     assert version.tags["selection.chosen"] == result["head"]["chosen"]
     assert version.tags["baseline.logistic.mcc_at_0.5"] == f"{judged['baselines']['logistic']['mcc_at_0.5']:.4f}"
 
-    from tests.test_operations import artifacts_of
+    from tests.common import artifacts_of
 
     artifacts = artifacts_of(result["flow_run_id"])
     assert {"head-vs-baselines", "head-selection", "run-summary"} <= set(artifacts)
