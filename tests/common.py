@@ -65,9 +65,13 @@ def png_claiming(width: int, height: int) -> bytes:
 MODEL = "stage1-ops-test"
 EXPERIMENT = "ops-test"
 # the default rule (MCC lower bound > 0, AUROC and FNR non-inferior), except: ~25 test images per class
-# here (the default asks 200), fewer resamples, and the floor lowered so that a random-init model
-# can be champion at all; as a team writes it in [promotion]
-PROMOTION = {"n_bootstrap": 500, "min_test_per_class": 15, "floor": {"min_mcc": -1.0, "min_auroc": 0.0}}
+# here (the default asks 200), fewer resamples, the floor lowered so that a random-init model
+# can be champion at all, and an FNR margin of 0.5 instead of alpha: with ~25 test positives two bundles
+# whose thresholds both guarantee FNR <= alpha differ by +-0.2 in test FNR by chance (one run measured
+# +0.16, bound +0.29), so the default margin would decide these scenarios by noise; the FNR check has its
+# own tests (test_promotion); as a team writes it in [promotion]
+PROMOTION = {"n_bootstrap": 500, "min_test_per_class": 15, "fnr_margin": 0.5,
+             "floor": {"min_mcc": -1.0, "min_auroc": 0.0}}
 
 
 def team_settings(*folders, pretrained: bool = True, **over):
