@@ -96,6 +96,10 @@ def configure_environment() -> dict[str, str]:
         # MLflow otherwise warns on every run about a git repo it may not find
         "GIT_PYTHON_REFRESH": "quiet",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # an MLflow server started from here (`stage1 ui`, `stage1 serve`, the tests) runs without its
+        # GenAI job runner: stage1 submits no MLflow jobs, and the runner is four more Python processes
+        # (huey consumers) that each import MLflow at every server start
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     applied = {}
     for key, value in defaults.items():
