@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -163,12 +165,15 @@ def store_key(spec: BackboneSpec, pre: dict[str, Any], precision: str) -> str:
 class FeatureStore:
     """One directory of fp16 shards for one store key."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, scan: bool = True):
+        """`scan=False` skips reading every sidecar into the index: a chunk writer (`fill_chunk`) only
+        asks whether its own shards exist, and re-reading a large store per chunk would cost more than
+        embedding the chunk."""
         self.root = Path(root)
         self.meta = _read_json(self.root / "store.json")
         self.dim = int(self.meta["dim"])
         self.index: dict[str, tuple[str, int]] = {}
-        for sidecar in sorted(self.root.glob("shards/*.json")):
+        for sidecar in sorted(self.root.glob("shards/*.json")) if scan else ():
             info = _read_json(sidecar)
             for row, sid in enumerate(info["sample_ids"]):
                 self.index.setdefault(sid, (sidecar.stem, row))
@@ -184,13 +189,17 @@ class FeatureStore:
     def missing(self, sample_ids: Sequence[str]) -> list[str]:
         return [sid for sid in sample_ids if sid not in self.index]
 
+    def has_shard(self, sample_ids: Sequence[str]) -> bool:
+        """Whether the shard of exactly these ids (in this order) is complete: its sidecar exists."""
+        return (self.root / "shards" / f"{shard_name(sample_ids)}.json").is_file()
+
     def write_shard(self, sample_ids: Sequence[str], feats: np.ndarray) -> str:
         feats = np.ascontiguousarray(feats, dtype=np.float16)
         if feats.shape != (len(sample_ids), self.dim):
             raise ValueError(f"shard shape {feats.shape} does not match {len(sample_ids)} ids x {self.dim}")
         if not np.isfinite(feats).all():
             raise ValueError("the backbone produced NaN/inf features; refusing to store them")
-        name = sha256_bytes("\n".join(sample_ids).encode())[:24]
+        name = shard_name(sample_ids)
         npy = self.root / "shards" / f"{name}.npy"
         buf = _npy_bytes(feats)
         atomic_write_bytes(npy, buf)
@@ -232,6 +241,12 @@ class FeatureStore:
         return bad
 
 
+def shard_name(sample_ids: Sequence[str]) -> str:
+    """A shard is named by its content (the sha256 of its sample ids, in order): writers that embed the
+    same ids write the same name, so shards from many processes and hosts merge without coordination."""
+    return sha256_bytes("\n".join(sample_ids).encode())[:24]
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -260,6 +275,33 @@ def feature_store_dir(key: str, root: str | Path | None = None) -> Path:
     return base / key[:24]
 
 
+@dataclass(frozen=True)
+class StoreTarget:
+    """The store one backbone's features go to, and how to fill it: its directory, its description
+    (store.json), the preprocessing and the config with the precision resolved."""
+
+    root: Path
+    meta: dict[str, Any]
+    pre: dict[str, Any]
+    pooling: str
+    config: FeatureConfig
+
+
+def feature_store_target(backbone: BackboneConfig | BackboneSpec, config: FeatureConfig = FeatureConfig(), *,
+                         store_root: str | Path | None = None) -> StoreTarget:
+    """Where the features of `backbone` under `config` live (nothing is written, no weights are loaded)."""
+    spec = backbone if isinstance(backbone, BackboneSpec) else resolve_backbone(backbone)
+    skeleton = build_skeleton(spec)
+    config = dataclasses.replace(
+        config, precision=resolve_precision(config.precision, skeleton, resolve_device(config.device)))
+    pre = preprocessing_spec(skeleton, spec, config)
+    key = store_key(spec, pre, config.precision)
+    meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
+            "precision": config.precision, "dim": feature_dim(skeleton, spec.pooling)}
+    return StoreTarget(root=feature_store_dir(key, store_root), meta=meta, pre=pre, pooling=spec.pooling,
+                       config=config)
+
+
 def extract_features(
     samples: Sequence[Sample],
     backbone: BackboneConfig | BackboneSpec,
@@ -275,16 +317,11 @@ def extract_features(
     Images that fail to decode are reported in `failed` (with the reason) and not stored.
     """
     spec = backbone if isinstance(backbone, BackboneSpec) else resolve_backbone(backbone)
-    skeleton = build_skeleton(spec)
-    config = dataclasses.replace(
-        config, precision=resolve_precision(config.precision, skeleton, resolve_device(config.device)))
-    pre = preprocessing_spec(skeleton, spec, config)
-    key = store_key(spec, pre, config.precision)
-    meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
-            "precision": config.precision, "dim": feature_dim(skeleton, spec.pooling)}
-    return fill_feature_store(feature_store_dir(key, store_root), meta, samples,
-                              build_model=lambda: build_backbone(spec, verify=False), pre=pre, pooling=spec.pooling,
-                              config=config, progress=progress, say=log_fn or log.info)
+    target = feature_store_target(spec, config, store_root=store_root)
+    return fill_feature_store(target.root, target.meta, samples,
+                              build_model=lambda: build_backbone(spec, verify=False), pre=target.pre,
+                              pooling=target.pooling, config=target.config, progress=progress,
+                              say=log_fn or log.info)
 
 
 def fill_feature_store(
@@ -299,15 +336,15 @@ def fill_feature_store(
     progress: bool = True,
     say: Callable[[str], None] = log.info,
 ) -> FeatureSetInfo:
-    """The one way features enter a store: embed, under the store's lock, every sample the store at
-    `root` lacks; return a reference to the features of all samples.
+    """The one-process way features enter a store: embed, under the store's lock, every sample the store
+    at `root` lacks; return a reference to the features of all samples.
 
     `meta` describes the store (store.json, written on first use): its "store_key", "dim", "backbone"
     and whatever else identifies the features. `build_model()` is called only when something is
     missing. `extract_features` (frozen backbone) and `adapters.extract_adapted_features` (fine-tuned)
-    differ only in the key, the description and the model.
+    differ only in the key, the description and the model. The chunked way (`plan_chunks`,
+    `fill_chunk`, many processes or hosts) writes the same shards through the same `embed_into_store`.
     """
-    key = meta["store_key"]
     FeatureStore.create(root, meta)
     by_id = {s.sample_id: s for s in samples}
     ids = sorted(by_id)
@@ -327,29 +364,43 @@ def fill_feature_store(
         if todo:
             say(f"embedding {len(todo)} new images ({len(ids) - len(todo)} cached) with {meta['backbone']['name']} "
                 f"into {root}")
-            failed = _embed_into(store, build_model(), todo, pre, pooling, config, progress=progress)
+            failed = embed_into_store(store, build_model(), todo, pre=pre, pooling=pooling, config=config,
+                                      progress=progress)
     finally:
         lock.release()
     seconds = time.perf_counter() - started
-    rate = (len(todo) - len(failed)) / seconds if todo and seconds > 0 else 0.0
     if todo:
-        say(f"embedded {len(todo) - len(failed)} images in {seconds:.1f}s ({rate:.1f} images/s), {len(failed)} failed")
+        say(f"embedded {len(todo) - len(failed)} images in {seconds:.1f}s "
+            f"({(len(todo) - len(failed)) / seconds:.1f} images/s), {len(failed)} failed")
+    return feature_set_info(store, ids, failed=failed, n_computed=len(todo) - len(failed), seconds=seconds)
+
+
+def feature_set_info(store: FeatureStore, ids: Sequence[str], *, failed: list[dict[str, str]], n_computed: int,
+                     seconds: float) -> FeatureSetInfo:
+    """The reference both ways of filling a store return: the same fields for the same samples, so
+    everything downstream (cache keys included) cannot tell which way filled it."""
+    key = store.meta["store_key"]
+    failed = sorted(failed, key=lambda f: f["sample_id"])
     failed_ids = {f["sample_id"] for f in failed}
-    covered = [sid for sid in ids if sid not in failed_ids]
+    covered = [sid for sid in sorted(ids) if sid not in failed_ids]
+    rate = n_computed / seconds if n_computed and seconds > 0 else 0.0
     return FeatureSetInfo(
-        store_dir=str(root), store_key=key, dim=store.dim, fingerprint=fingerprint(key, covered),
-        n_samples=len(covered), n_computed=len(todo) - len(failed), seconds=seconds,
-        images_per_second=rate, failed=failed,
+        store_dir=str(store.root), store_key=key, dim=store.dim, fingerprint=fingerprint(key, covered),
+        n_samples=len(covered), n_computed=n_computed, seconds=seconds, images_per_second=rate, failed=failed,
     )
 
 
-def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: str, config: FeatureConfig,
-                *, progress: bool) -> list[dict[str, str]]:
+def embed_into_store(store: FeatureStore, model: torch.nn.Module, todo: Sequence[Sample], *, pre: dict[str, Any],
+                     pooling: str, config: FeatureConfig, progress: bool = False) -> list[dict[str, str]]:
+    """Decode and embed `todo` in order, in batches of `config.batch_size`, and write a shard every
+    `config.shard_size` images; returns the images that could not be decoded. Both ways of filling a
+    store (`fill_feature_store`, `fill_chunk`) embed through here, so the same images in the same
+    batches give the same bytes whichever process computes them."""
     from tqdm.auto import tqdm
 
     device = resolve_device(config.device)
     model.to(device)
-    dataset = ImageDataset(todo, eval_transform(pre), draft_size(pre))
+    dataset = ImageDataset(list(todo), eval_transform(pre), draft_size(pre))
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers,
         collate_fn=collate_images, pin_memory=device.type == "cuda",
@@ -384,3 +435,166 @@ def _embed_into(store: FeatureStore, model, todo: list[Sample], pre, pooling: st
     bar.close()
     return failed
 
+
+# ------------------------------------------------------------------------------ chunked, many writers
+#
+# The chunked way fills the same store from many processes or hosts, with no lock: the planner splits
+# the samples the store lacks, sorted by sample id, into fixed chunks and writes each chunk's sample
+# list under chunks/<name>.json (named by content, like shards); each worker fills one chunk
+# (`fill_chunk`), writing its shards atomically; the index is rebuilt from the sidecars, so the shards
+# of all writers merge. Chunks are disjoint, and two writers of the same chunk (a retry racing a
+# straggler, two runs planning the same work) write the same names with the same bytes: the last
+# rename wins and nothing is lost or duplicated. Chunks start at multiples of the batch size in the
+# same order as the one-process run, so every image is embedded in the same batch as there: the
+# features are the same bytes (same machine type, precision and batch size; see docs/scale-out.md).
+
+
+@dataclass(frozen=True)
+class FeatureChunkJob:
+    """What a worker needs to fill chunks of one store: small and picklable (no model, no samples)."""
+
+    # the store directory, relative to $STAGE1_HOME when it lies under it (each host resolves it under
+    # its own mount of the shared home), else absolute
+    store_dir: str
+    store_key: str
+    backbone: BackboneSpec
+    preprocessing: dict[str, Any]
+    config: FeatureConfig  # precision resolved
+    # torch intra-op threads in the worker (None: leave the process's setting)
+    torch_threads: int | None = None
+
+    def resolve_root(self) -> Path:
+        path = Path(self.store_dir)
+        return path if path.is_absolute() else home_path(self.store_dir)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What filling one chunk did (small: it travels back to the flow)."""
+
+    chunk: str
+    n_samples: int
+    n_computed: int  # images embedded now (shards already complete were skipped)
+    failed: list[dict[str, str]]
+    seconds: float  # inside fill_chunk: reading the chunk, model (first chunk of a process), embedding
+    model_seconds: float  # building the backbone; 0 when this process had it already
+    host: str
+    pid: int
+
+
+def chunk_job(target: StoreTarget, *, torch_threads: int | None = None) -> FeatureChunkJob:
+    """The job for `target`'s store; the store is created (store.json) so workers only add shards."""
+    FeatureStore.create(target.root, target.meta)
+    try:
+        rel = str(target.root.resolve().relative_to(home_path()))
+    except ValueError:
+        rel = str(target.root.resolve())
+    return FeatureChunkJob(store_dir=rel, store_key=target.meta["store_key"],
+                           backbone=BackboneSpec.from_json(target.meta["backbone"]), preprocessing=target.pre,
+                           config=target.config, torch_threads=torch_threads)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    ids: list[str]  # every sample id asked for, sorted
+    chunks: list[str]  # names of the chunks to fill (chunks/<name>.json), in sample-id order
+    n_missing: int  # samples the store lacked when planned
+
+
+def plan_chunks(root: Path, samples: Sequence[Sample], *, chunk_size: int, batch_size: int) -> ChunkPlan:
+    """Split the samples the store at `root` lacks, sorted by sample id, into chunks of `chunk_size`
+    (the last one shorter) and write each chunk's sample list. `chunk_size` must be a multiple of
+    `batch_size`, so that chunks cut the one-process run's batches nowhere."""
+    if chunk_size < 1 or chunk_size % batch_size:
+        raise ValueError(f"chunk_size {chunk_size} must be a positive multiple of the feature batch size "
+                         f"{batch_size}, so that each image is embedded in the same batch as in one process")
+    by_id = {s.sample_id: s for s in samples}
+    ids = sorted(by_id)
+    todo = FeatureStore(root).missing(ids)
+    names = []
+    for start in range(0, len(todo), chunk_size):
+        part = [by_id[sid] for sid in todo[start:start + chunk_size]]
+        name = shard_name([s.sample_id for s in part])
+        path = root / "chunks" / f"{name}.json"
+        if not path.is_file():  # content-addressed: an existing file holds the same list
+            atomic_write_json(path, {"samples": [dataclasses.asdict(s) for s in part]})
+        names.append(name)
+    return ChunkPlan(ids=ids, chunks=names, n_missing=len(todo))
+
+
+def read_chunk(root: Path, name: str) -> list[Sample]:
+    data = _read_json(root / "chunks" / f"{name}.json")
+    return [Sample(**row) for row in data["samples"]]
+
+
+# one backbone per worker process, built by its first chunk and reused by the next ones; the lock makes
+# chunks that start together in one process (threads) build it once (random init draws from the global RNG)
+_BACKBONES: dict[tuple[str, str], torch.nn.Module] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def cached_backbone(spec: BackboneSpec, device: torch.device) -> tuple[torch.nn.Module, float]:
+    """The backbone of `spec` on `device`, built once per process (keyed by the spec's fingerprint); the
+    seconds it took to build now (0.0 when cached). Holds one model: a new spec replaces it."""
+    key = (spec.fingerprint, str(device))
+    with _BACKBONES_LOCK:
+        if key in _BACKBONES:
+            return _BACKBONES[key], 0.0
+        started = time.perf_counter()
+        _BACKBONES.clear()
+        model = build_backbone(spec, verify=False).to(device)
+        _BACKBONES[key] = model
+        return model, time.perf_counter() - started
+
+
+def fill_chunk(job: FeatureChunkJob, chunk: str) -> ChunkResult:
+    """Embed one planned chunk into the store, without the store lock (chunks are disjoint; see above).
+
+    A shard of the chunk that is already complete (its sidecar exists: an earlier attempt wrote it before
+    it was killed) is skipped, so a retried chunk computes only the rest. Decode workers are used only
+    where this process may have children (a daemonic worker process, e.g. Dask's default, may not).
+    """
+    import multiprocessing
+    import socket
+
+    started = time.perf_counter()
+    root = job.resolve_root()
+    if not (root / "store.json").is_file():
+        raise FileNotFoundError(
+            f"feature store {root} not found on this host ({socket.gethostname()}): every worker must see the "
+            f"shared STAGE1_HOME at the path its own STAGE1_HOME names (now {home_path()})")
+    store = FeatureStore(root, scan=False)
+    if store.meta["store_key"] != job.store_key:
+        raise ValueError(f"{root}/store.json describes store {store.meta['store_key'][:12]}, not {job.store_key[:12]}")
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    config = job.config
+    if config.num_workers and multiprocessing.current_process().daemon:
+        config = dataclasses.replace(config, num_workers=0)
+    samples = read_chunk(root, chunk)
+    size = config.shard_size
+    todo = [s for start in range(0, len(samples), size)
+            if not store.has_shard([s.sample_id for s in samples[start:start + size]])
+            for s in samples[start:start + size]]
+    failed: list[dict[str, str]] = []
+    model_seconds = 0.0
+    if todo:
+        model, model_seconds = cached_backbone(job.backbone, resolve_device(config.device))
+        failed = embed_into_store(store, model, todo, pre=job.preprocessing, pooling=job.backbone.pooling,
+                                  config=config)
+    return ChunkResult(chunk=chunk, n_samples=len(samples), n_computed=len(todo) - len(failed), failed=failed,
+                       seconds=time.perf_counter() - started, model_seconds=model_seconds,
+                       host=socket.gethostname(), pid=os.getpid())
+
+
+def chunked_feature_set_info(root: Path, ids: Sequence[str], results: Sequence[ChunkResult], *,
+                             seconds: float) -> FeatureSetInfo:
+    """The FeatureSetInfo of a chunked fill (the same as the one-process run's for the same samples)."""
+    store = FeatureStore(root)
+    failed = [f for r in results for f in r.failed]
+    lost = store.missing([sid for sid in ids if sid not in {f["sample_id"] for f in failed}])
+    if lost:
+        raise RuntimeError(f"{len(lost)} samples are still missing from {root} after every chunk finished "
+                           f"(e.g. {lost[0]}); rerun to compute them")
+    return feature_set_info(store, ids, failed=failed, n_computed=sum(r.n_computed for r in results),
+                            seconds=seconds)
