@@ -45,7 +45,8 @@ from tasks.pipeline import (
 )
 from tasks.reports import publish_reports
 from tasks.runs import end_crashed_run
-from tasks.settings import launch_config
+from tasks.scale_out import ScaleOutConfig
+from tasks.settings import launch_config, scale_out_config
 from tasks.tracking import (
     MODEL_NAME,
     close_run,
@@ -96,6 +97,7 @@ def train_pipeline(
     finetune: FinetuneConfig = FinetuneConfig(),
     launch: LaunchConfig = LaunchConfig(),
     merge_adapters: bool = False,
+    scale_out: ScaleOutConfig = ScaleOutConfig(),
 ) -> dict[str, Any]:
     """Train, calibrate, evaluate, export and register a roadwork classifier.
 
@@ -128,6 +130,8 @@ def train_pipeline(
         finetune: Fine-tuning settings (lora/dora only).
         launch: How fine-tuning processes start (lora/dora only).
         merge_adapters: lora/dora: merge the adapters into the backbone weights in the bundle.
+        scale_out: Where frozen-backbone features are computed: this process (local), or chunks on a Dask
+            cluster (a temporary one, or an existing one by address); the features are the same.
     """
     logger = get_run_logger()
     started = time.perf_counter()
@@ -135,6 +139,7 @@ def train_pipeline(
     _check_parameters(head=head, policy=policy, backbone_mode=backbone_mode, finetune=finetune, features=features,
                       train=train, selection=selection, baselines=baselines, merge_adapters=merge_adapters,
                       launch=launch)
+    scale_out.check_batch_size(features.batch_size)
     if not sources:
         sources = [ensure_demo_data()]
     run = start_mlflow_run(
@@ -147,7 +152,7 @@ def train_pipeline(
         split = build_splits(sources, splits, max_quarantined_fraction=max_quarantined_fraction)
         adapter_dir = None
         if backbone_mode == "frozen":
-            feats = counted_now(extract_features(split, spec, features, return_state=True))
+            feats = counted_now(extract_features(split, spec, features, scale_out, return_state=True))
             quarantine = check_quarantine(split, feats)
             head_ref = fit_head(split, feats, head, train, selection, needs_gate)
         else:
@@ -164,7 +169,7 @@ def train_pipeline(
         evaluation = evaluate_test(split, feats, head_ref, policy_files)
         # baselines are probes of the frozen backbone: with lora/dora they answer "was fine-tuning worth it?"
         frozen = feats if backbone_mode == "frozen" else (
-            extract_features(split, spec, features) if baselines.enabled else None)
+            extract_features(split, spec, features, scale_out) if baselines.enabled else None)
         judged = score_baselines(split, frozen, baselines, evaluation) if baselines.enabled else None
         bundle = export_bundle(name=registry.bundle_name, split=split, feats=feats, head=head_ref,
                                policy_files=policy_files, evaluation=evaluation, backbone=spec,
@@ -173,7 +178,7 @@ def train_pipeline(
         log_params(run["run_id"], _run_params(
             sources, splits=splits, backbone=backbone, features=features, head=head, train=train,
             selection=selection, baselines=baselines, guarantee=guarantee, policy=policy,
-            backbone_mode=backbone_mode, finetune=finetune, launch=launch))
+            backbone_mode=backbone_mode, finetune=finetune, launch=launch, scale_out=scale_out))
         client_tags = {"data_fingerprint": split.data_fingerprint, "split_fingerprint": split.fingerprint,
                        "split_salt": splits.salt, "bundle_fingerprint": bundle.fingerprint,
                        "features_fingerprint": feats.fingerprint, "policy": policy.policy}
@@ -254,6 +259,7 @@ def parameters_from_settings(settings: TeamSettings, sources: list[SourceConfig]
                                 bundle_name=settings.model_name),
         max_quarantined_fraction=settings.max_quarantined_fraction, backbone_mode=settings.backbone_mode,
         finetune=settings.finetune, launch=launch_config(settings), merge_adapters=settings.merge_adapters,
+        scale_out=scale_out_config(settings),
     )
 
 

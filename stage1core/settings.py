@@ -97,6 +97,9 @@ class TeamSettings:
     # how fine-tuning processes start (tasks.finetune.LaunchConfig fields, e.g. num_processes = 4); checked
     # by the flow that uses them
     launch: dict[str, Any] = field(default_factory=dict)
+    # where feature extraction runs (tasks.scale_out.ScaleOutConfig fields, e.g. engine = "dask", address =
+    # "tcp://scheduler:8786"); empty: one process, no cluster. Checked by the flows that use them
+    scale_out: dict[str, Any] = field(default_factory=dict)
     # champion/challenger rule and metric floor: fields of stage1core.comparison.ComparisonConfig (e.g.
     # min_test_per_class = 100, floor = {min_mcc = 0.3}); a key left out keeps that class's default
     promotion: dict[str, Any] = field(default_factory=dict)
@@ -219,7 +222,7 @@ def parse_settings(data: dict[str, Any], *, origin: str, base: Path | None = Non
                 raise SettingsError(f"{where}: sources must be an array of tables ([[sources]] path = ...)")
             values["sources"] = tuple(
                 _source(item, where=f"{origin}, sources[{i}]", base=base) for i, item in enumerate(value))
-        elif f.name in ("launch", "promotion"):
+        elif f.name in ("launch", "promotion", "scale_out"):
             if not isinstance(value, dict):
                 raise SettingsError(f"{where}: must be a table of settings, got {value!r}")
             values[f.name] = value
@@ -276,7 +279,8 @@ def _source(item: Any, *, where: str, base: Path | None) -> SourceConfig:
 def settings_toml(settings: TeamSettings, *, notes: dict[str, dict[str, str]] | None = None) -> str:
     """The settings as TOML, every field preceded by its description (what `stage1 settings init` writes).
     Fields left at None are written as comments (TOML has no null). `notes` describes the keys of the
-    open tables: [promotion]'s come from ComparisonConfig, [launch]'s from the task that owns it."""
+    open tables: [promotion]'s come from ComparisonConfig, [launch]'s and [scale_out]'s from the tasks that
+    own them."""
     notes = {"promotion": promotion_notes(), **(notes or {})}
     out = [
         "# stage1 team settings: read by every deployment, the CLI and the nightly schedule.",

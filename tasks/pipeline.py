@@ -22,7 +22,13 @@ from stage1core.bundle import export_bundle as write_bundle
 from stage1core.card import model_card as write_model_card
 from stage1core.demo import DemoConfig, demo_dataset_ready, generate_demo_dataset
 from stage1core.evaluation import evaluate_policy
-from stage1core.features import FeatureConfig, FeatureSetInfo, FeatureStore, feature_precision
+from stage1core.features import (
+    FeatureConfig,
+    FeatureSetInfo,
+    FeatureStore,
+    feature_precision,
+    feature_store_target,
+)
 from stage1core.features import extract_features as embed_samples
 from stage1core.finetune import export_adapter_files
 from stage1core.fingerprint import fingerprint, sha256_file
@@ -48,6 +54,7 @@ from stage1core.train import fit_head as train_head
 from tasks.logs import run_logger
 
 from .caching import OutputCache
+from .scale_out import ScaleOutConfig, fill_store_in_chunks
 
 
 @dataclass(frozen=True)
@@ -255,9 +262,12 @@ FEATURES_CACHE = OutputCache(
 
 @task(name="extract_features", cache_key_fn=FEATURES_CACHE, persist_result=True, tags=["features", "gpu"])
 @FEATURES_CACHE.records_outputs
-def extract_features(split: SplitRef, backbone: BackboneSpec, features: FeatureConfig) -> FeatureSetInfo:
+def extract_features(split: SplitRef, backbone: BackboneSpec, features: FeatureConfig,
+                     scale_out: ScaleOutConfig = ScaleOutConfig()) -> FeatureSetInfo:
     """Embed every image of the split manifest that is not yet in the feature store (`backbone`: the
-    run's resolved spec, from `resolve_backbone`).
+    run's resolved spec, from `resolve_backbone`), in this process or, with `scale_out.engine` "dask",
+    chunk by chunk on a Dask cluster. Either way the store and the result are the same, so `scale_out`
+    is not part of the cache key.
 
     Images that cannot be decoded are returned in `failed` (with the reason) and left out of every
     split; `check_quarantine` reports them and applies the run's limit.
@@ -266,6 +276,9 @@ def extract_features(split: SplitRef, backbone: BackboneSpec, features: FeatureC
     _, parts, _ = read_split_manifest(split.path)
     check_splits_usable(split_counts(parts), where=split.path)  # before any image is embedded
     samples = [s for rows in parts.values() for s in rows]
+    if scale_out.distributed:
+        return fill_store_in_chunks(feature_store_target(backbone, features), samples, scale_out,
+                                    log_fn=logger.info)
     return embed_samples(samples, backbone, features, log_fn=logger.info)
 
 

@@ -24,6 +24,7 @@ from stage1core.settings import (
 )
 from stage1core.sources import SourceConfig
 from tasks.finetune import LaunchConfig
+from tasks.scale_out import ScaleOutConfig
 
 
 @task(name="load_team_settings")
@@ -48,24 +49,36 @@ def load_team_settings(settings_file: str = "") -> TeamSettings:
 
 def default_tables() -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
     """Values and descriptions of the open tables `stage1 settings init` writes: [promotion] (every
-    field of stage1core.comparison.ComparisonConfig at its default, so a team sees the rule it gets)
-    and [launch]."""
+    field of stage1core.comparison.ComparisonConfig at its default, so a team sees the rule it gets),
+    [launch] and [scale_out]."""
     from stage1core.config import as_dict
 
-    notes = {"launch": {f.name: f.metadata.get("description", "") for f in dataclasses.fields(LaunchConfig)}}
-    return {"promotion": as_dict(ComparisonConfig()), "launch": as_dict(LaunchConfig())}, notes
+    notes = {name: {f.name: f.metadata.get("description", "") for f in dataclasses.fields(cls)}
+             for name, cls in (("launch", LaunchConfig), ("scale_out", ScaleOutConfig))}
+    return {"promotion": as_dict(ComparisonConfig()), "launch": as_dict(LaunchConfig()),
+            "scale_out": as_dict(ScaleOutConfig())}, notes
+
+
+def _table_config(settings: TeamSettings, name: str, cls: type) -> Any:
+    values = getattr(settings, name)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise SettingsError(f"{settings.origin}, [{name}]: unknown key(s) {unknown}; the {name} settings are {names}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{settings.origin}, [{name}]: {exc}") from exc
 
 
 def launch_config(settings: TeamSettings) -> LaunchConfig:
     """How fine-tuning processes start, from the settings' [launch] table."""
-    names = [f.name for f in dataclasses.fields(LaunchConfig)]
-    unknown = sorted(set(settings.launch) - set(names))
-    if unknown:
-        raise SettingsError(f"{settings.origin}, [launch]: unknown key(s) {unknown}; the launch settings are {names}")
-    try:
-        return LaunchConfig(**settings.launch)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{settings.origin}, [launch]: {exc}") from exc
+    return _table_config(settings, "launch", LaunchConfig)
+
+
+def scale_out_config(settings: TeamSettings) -> ScaleOutConfig:
+    """Where feature extraction runs, from the settings' [scale_out] table."""
+    return _table_config(settings, "scale_out", ScaleOutConfig)
 
 
 @task(name="choose_sources")
