@@ -102,11 +102,11 @@ def launch_command(config_path: str | Path, out_dir: str | Path, launch: LaunchC
     entry = ["-m", "stage1core.finetune", "--config", str(config_path), "--out", str(out_dir)]
     if launch.world_size == 1:
         return [sys.executable, *entry]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.world_size)]
-    if launch.cpu:
-        cmd.append("--cpu")
-    else:
-        cmd.append("--multi_gpu")
+    # torchrun's launcher (accelerate's `--multi_gpu`) for CPU ranks too: `--cpu` with several processes
+    # starts one process only (accelerate's simple launcher); with `cpu`, ACCELERATE_USE_CPU and no visible
+    # GPU (child_environment) the ranks join a gloo process group
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.world_size),
+           "--multi_gpu"]
     if launch.num_machines > 1:
         cmd += ["--num_machines", str(launch.num_machines), "--machine_rank", str(launch.machine_rank),
                 "--main_process_ip", str(launch.main_process_ip), "--main_process_port", str(launch.main_process_port)]
@@ -122,6 +122,7 @@ def child_environment(launch: LaunchConfig) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if launch.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
+        env["ACCELERATE_USE_CPU"] = "true"  # Accelerator(cpu=True): gloo ranks under torchrun
     return env
 
 

@@ -199,7 +199,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(reference, split, tmp_p
 
 
 def test_launch_commands():
-    from tasks.finetune import LaunchConfig, launch_command
+    from tasks.finetune import LaunchConfig, child_environment, launch_command
 
     single = launch_command("c.json", "out", LaunchConfig())
     assert single == [sys.executable, "-m", "stage1core.finetune", "--config", "c.json", "--out", "out"]
@@ -213,6 +213,10 @@ def test_launch_commands():
         assert part in joined
     with pytest.raises(ValueError, match="main_process_ip"):
         LaunchConfig(num_machines=2)
+    # CPU ranks go through torchrun too (accelerate's `--cpu` would start one process), as gloo ranks
+    cpu = launch_command("c.json", "out", LaunchConfig(num_processes=2, cpu=True))
+    assert "--cpu" not in cpu and cpu[cpu.index("--num_processes") + 1] == "2" and "--multi_gpu" in cpu
+    assert child_environment(LaunchConfig(num_processes=2, cpu=True))["ACCELERATE_USE_CPU"] == "true"
 
 
 @pytest.mark.slow
