@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 
 from stage1core.bundle import load_bundle, read_manifest
 from stage1core.comparison import coverage_at_fnr
+from stage1core.features import FeatureConfig, FeatureStore
 from stage1core.fingerprint import fingerprint
 from stage1core.home import home_path
 from stage1core.metrics import binary_metrics
@@ -22,6 +23,7 @@ from stage1core.splits import SPLITS, SplitConfig, read_split_manifest, samples_
 from stage1core.text import num
 from tasks.pipeline import build_splits
 from tasks.registry import fetch_bundle, get_version, parse_model_ref
+from tasks.scale_out import ScaleOutConfig, fill_store_in_chunks
 from tasks.tracking import client, end_mlflow_run, start_mlflow_run
 
 
@@ -42,14 +44,28 @@ def resolve_bundle(model: str, model_name: str) -> dict[str, str]:
 
 
 @task(name="score_bundle")
-def score_bundle(bundle_path: str, split_manifest: str, split: str) -> dict[str, Any]:
-    """p(roadwork) of the bundle on the chosen split (or every image of the sources with `all`)."""
+def score_bundle(bundle_path: str, split_manifest: str, split: str, scale_out: ScaleOutConfig = ScaleOutConfig(),
+                 features: FeatureConfig = FeatureConfig()) -> dict[str, Any]:
+    """p(roadwork) of the bundle on the chosen split (or every image of the sources with `all`). With
+    `scale_out.engine` "dask" and a frozen backbone, the features are filled into the bundle's feature
+    store chunk by chunk on the cluster (what training stored is reused) and the head runs on them here;
+    a fine-tuned bundle embeds in this process."""
     _, parts, _ = read_split_manifest(split_manifest)
     rows = samples_of(parts, split)
     if not rows:
         raise ValueError(f"no evaluable images in split {split!r} of these sources")
     predictor = load_bundle(bundle_path, device="auto")
-    out = predictor.apply_policy(predictor.features([read_bytes(s.locator) for s in rows]))
+    if scale_out.distributed and not predictor.fine_tuned:
+        info = fill_store_in_chunks(predictor.feature_target(features), rows, scale_out,
+                                    log_fn=get_run_logger().info)
+        if info.failed:
+            first = info.failed[0]
+            raise ValueError(f"{len(info.failed)} images could not be decoded, e.g. {first['locator']}: "
+                             f"{first['reason']}")
+        feats = FeatureStore(info.store_dir).load([s.sample_id for s in rows])
+    else:
+        feats = predictor.features([read_bytes(s.locator) for s in rows])
+    out = predictor.apply_policy(feats)
     y = np.array([s.label for s in rows])
     alpha = float(predictor.policy.threshold.alpha)
     # the FNR-guaranteed threshold applies to the raw head probability (stage1core.policy)
@@ -77,6 +93,7 @@ def evaluate_bundle(
     model_name: str = "",
     experiment: str = "stage1-evaluations",
     settings_file: str = "",
+    scale_out: ScaleOutConfig | None = None,
 ) -> dict[str, Any]:
     """Evaluate a registered version or a bundle directory on any source, at the bundle's own threshold.
 
@@ -93,6 +110,8 @@ def evaluate_bundle(
         experiment: MLflow experiment of the evaluation run.
         settings_file: Team settings file. Empty: $STAGE1_SETTINGS, else $STAGE1_HOME/settings.toml, else
             the built-in demo settings.
+        scale_out: Where a frozen bundle's features are computed (one process, or chunks on a Dask cluster).
+            Empty: the team settings' [scale_out].
     """
     from stage1core.settings import combine_sources, landed_sources
     from tasks.pipeline import ensure_demo_data
@@ -100,15 +119,20 @@ def evaluate_bundle(
 
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
-    if not (sources and splits and model_name):
+    features = FeatureConfig()
+    if not (sources and splits and model_name and scale_out):
+        from tasks.settings import scale_out_config
+
         settings = load_team_settings(settings_file)
         model_name = model_name or settings.model_name
         splits = splits or settings.splits
+        scale_out = scale_out or scale_out_config(settings)
+        features = settings.features
         if not sources:
             sources = combine_sources(list(settings.sources) or [ensure_demo_data()], landed_sources())
     bundle = resolve_bundle(model, model_name)
     split_ref = build_splits(sources, splits)
-    scored = score_bundle(bundle["path"], split_ref.path, split)
+    scored = score_bundle(bundle["path"], split_ref.path, split, scale_out, features)
     metrics = scored["metrics"]
     label = f"{bundle['model_name']} v{bundle['version']}" if bundle["version"] else bundle["path"]
     run = start_mlflow_run(experiment, f"evaluate-bundle/{flow_run.name or 'local'}", {

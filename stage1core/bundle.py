@@ -9,6 +9,7 @@ backbone weights' hash before it builds a Predictor.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import uuid
@@ -27,10 +28,21 @@ from .backbone import (
     _hf_cached_weights,
     backbone_fingerprint,
     build_backbone,
+    build_skeleton,
     demo_package_weights_file,
     embed,
+    feature_dim,
 )
-from .features import draft_size, eval_transform, resolve_device
+from .features import (
+    STORE_FORMAT,
+    FeatureConfig,
+    StoreTarget,
+    draft_size,
+    eval_transform,
+    feature_store_dir,
+    resolve_device,
+    store_key,
+)
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
 from .images import ImageDecodeError, decode_image
 from .policy import FittedPolicy
@@ -306,6 +318,27 @@ class Predictor:
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
+
+    @property
+    def fine_tuned(self) -> bool:
+        """Whether the backbone carries adapters (or merged weights): its features are not the frozen store's."""
+        from .adapters import ADAPTER_META
+
+        return ADAPTER_META in self.manifest["files"]
+
+    def feature_target(self, config: FeatureConfig = FeatureConfig()) -> StoreTarget:
+        """The feature store of this bundle's frozen backbone and preprocessing (the store its training
+        read, when the preprocessing is the same), for filling it chunk by chunk on many workers; the
+        precision and JPEG drafting are the bundle's, batch size and device `config`'s."""
+        if self.fine_tuned:
+            raise BundleError(f"{self.bundle_dir}: a fine-tuned backbone has no frozen feature store")
+        pre = {k: v for k, v in self.preprocessing.items() if k != "precision"}
+        precision = self.preprocessing["precision"]
+        config = dataclasses.replace(config, precision=precision, jpeg_draft=bool(pre.get("jpeg_draft")))
+        key = store_key(self.spec, pre, precision)
+        meta = {"format": STORE_FORMAT, "store_key": key, "backbone": self.spec.to_json(), "preprocessing": pre,
+                "precision": precision, "dim": feature_dim(build_skeleton(self.spec), self.spec.pooling)}
+        return StoreTarget(root=feature_store_dir(key), meta=meta, pre=pre, pooling=self.spec.pooling, config=config)
 
     def _tensor(self, image: ImageInput) -> torch.Tensor:
         name = str(image) if isinstance(image, (str, Path)) else None
