@@ -97,15 +97,11 @@ def prefect_api_url() -> str:
         return str(client.api_url).rstrip("/")
 
 
-def dask_task_runner(config: ScaleOutConfig):
-    """prefect-dask's task runner for `config`: an existing scheduler, or a temporary local cluster of
-    `workers` single-task processes (dask-cuda's, one per GPU, when chunks need GPUs). The workers of a
-    temporary cluster inherit this process's environment; STAGE1_HOME and the Prefect API are set
-    explicitly, since Prefect may be on an ephemeral server that only this process knows."""
-    from prefect_dask import DaskTaskRunner
-
-    if config.address:
-        return DaskTaskRunner(address=config.address)
+def local_cluster_options(config: ScaleOutConfig) -> tuple[str, dict[str, Any]]:
+    """The class and keyword arguments of the temporary cluster for `config`: `workers` single-task
+    processes, or dask-cuda's one worker per GPU when chunks need GPUs. The workers inherit this
+    process's environment; STAGE1_HOME and the Prefect API are set explicitly, since Prefect may be on an
+    ephemeral server that only this process knows."""
     from stage1core.home import stage1_home
 
     env = {"STAGE1_HOME": str(stage1_home()), "PREFECT_API_URL": prefect_api_url(),
@@ -117,10 +113,19 @@ def dask_task_runner(config: ScaleOutConfig):
         except ImportError as exc:
             raise RuntimeError("scale_out.gpus_per_task on a temporary cluster needs dask-cuda (one worker per "
                                "GPU): pip install dask-cuda, or point scale_out.address at a GPU cluster") from exc
-        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                              cluster_kwargs={**kwargs, "resources": {"GPU": 1}})
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={**kwargs, "n_workers": config.workers})
+        return "dask_cuda.LocalCUDACluster", {**kwargs, "resources": {"GPU": 1}}
+    return "distributed.LocalCluster", {**kwargs, "n_workers": config.workers}
+
+
+def dask_task_runner(config: ScaleOutConfig):
+    """prefect-dask's task runner for `config`: the existing scheduler at `address`, or a temporary
+    cluster (`local_cluster_options`) that lives as long as the subflow."""
+    from prefect_dask import DaskTaskRunner
+
+    if config.address:
+        return DaskTaskRunner(address=config.address)
+    cluster_class, kwargs = local_cluster_options(config)
+    return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
 
 @task(name="embed_chunk", cache_policy=NO_CACHE, persist_result=False, tags=["features"])

@@ -34,11 +34,16 @@ BACKBONE = BackboneConfig(name="vit_small_patch16_dinov3", weights="random", poo
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(prefect_server):
+    """The temporary cluster the product starts for engine "dask" (2 workers x 1 thread, STAGE1_HOME and the
+    Prefect API in their environment), started once here and passed to the runs by address."""
     from distributed import LocalCluster
 
-    # the workers inherit this process's environment: STAGE1_HOME, OMP_NUM_THREADS=1 (conftest)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    from tasks.scale_out import ScaleOutConfig, local_cluster_options
+
+    cluster_class, kwargs = local_cluster_options(ScaleOutConfig(engine="dask", workers=2, threads_per_worker=1))
+    assert cluster_class == "distributed.LocalCluster" and kwargs["env"]["PREFECT_API_URL"].startswith("http")
+    with LocalCluster(**kwargs) as local:
         yield local
 
 
@@ -209,19 +214,19 @@ def test_an_incremental_run_embeds_only_the_new_images_across_workers(prefect_se
     assert again.n_computed == 0 and again.fingerprint == info.fingerprint
 
 
-def test_train_pipeline_extracts_on_a_temporary_dask_cluster(prefect_server, tiny_demo, one_process):
-    """The flow with the distributed runner: a temporary 2-worker cluster started and stopped by the
-    extraction task; the features are the one-process features, and a second run is served from Prefect's
-    cache (scale_out is not part of the key) without starting a cluster."""
+def test_train_pipeline_and_evaluate_bundle_extract_on_the_cluster(prefect_server, cluster, tiny_demo, one_process,
+                                                                   tmp_path):
+    """The flow with the distributed runner: the features are the one-process features, and a second run is
+    served from Prefect's cache (scale_out is not part of the key). Then evaluate-bundle on the cluster
+    recomputes the deleted store and scores the bundle's test split exactly as training did."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     from flows.train_pipeline import RegistryConfig, train_pipeline
-    from tasks.scale_out import ScaleOutConfig
     from tests.test_flow import params, task_states
 
     run = params(tiny_demo, backbone=BACKBONE, features=CFG,
-                 scale_out=ScaleOutConfig(engine="dask", workers=2, threads_per_worker=1, chunk_size=32),
+                 scale_out=scale_out(cluster),
                  registry=RegistryConfig(experiment="flow-test", model_name="stage1-flow-test", register=False,
                                          bundle_name="scale-out"))
     result = train_pipeline(**run)
@@ -239,6 +244,23 @@ def test_train_pipeline_extracts_on_a_temporary_dask_cluster(prefect_server, tin
     again = train_pipeline(**run)
     assert again["features"]["n_computed"] == 0 and again["bundle_fingerprint"] == result["bundle_fingerprint"]
     assert task_states(again["flow_run_id"], expected=("extract_features",))["extract_features"] == "Cached"
+
+    import shutil
+
+    from flows.evaluate_bundle import evaluate_bundle
+    from tests.common import settings_file
+
+    shutil.rmtree(Path(store.root) / "shards")  # evaluate-bundle must embed every image again, in chunks
+    # the team settings' [scale_out] table and feature batch size (training's: the same batches)
+    team = settings_file(tmp_path / "settings.toml", tiny_demo, features=CFG,
+                         scale_out={"engine": "dask", "address": cluster.scheduler_address, "chunk_size": 32})
+    evaluated = evaluate_bundle(model=result["bundle_path"], sources=run["sources"], split="test",
+                                splits=run["splits"], model_name="stage1-flow-test", experiment="flow-test-eval",
+                                settings_file=team)
+    assert evaluated["metrics"]["n"] == result["split_counts"]["test"]["total"]
+    # bit-identical features: the very metrics training computed on its stored features
+    for key in ("auroc", "mcc", "fnr", "brier"):
+        assert evaluated["metrics"][key] == pytest.approx(result["metrics"][key], abs=1e-12), key
 
 
 def test_train_pipeline_fine_tunes_in_two_processes_with_the_one_process_bundle_contract(prefect_server,
