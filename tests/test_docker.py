@@ -57,7 +57,15 @@ def test_the_compose_deployments_are_the_plain_host_deployments_on_docker_pools(
 
 def test_compose_has_the_team_services_wired_together(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker-gpu", "worker-cpu"}
+    assert set(services) == {"postgres", "prefect-server", "mlflow", "worker-gpu", "worker-cpu", "dask-scheduler",
+                             "dask-worker"}
+    # the Dask cluster (scale-out) starts only with its profile, from the stage1 image, on the shared home
+    for name in ("dask-scheduler", "dask-worker"):
+        assert services[name]["profiles"] == ["scale-out"] and services[name]["image"] == "stage1:latest"
+    worker = services["dask-worker"]
+    assert worker["command"][:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
+    assert worker["environment"]["STAGE1_HOME"] == services["worker-cpu"]["environment"]["STAGE1_HOME"]
+    assert "stage1-home:/data/stage1" in worker["volumes"]
     for name, svc in services.items():
         for dep in svc.get("depends_on", {}):
             assert dep in services, (name, dep)
@@ -105,6 +113,7 @@ def test_commands_in_compose_exist(compose):
         cmd = services[name]["command"]
         assert cmd[0] == "prefect" and (bin_dir / "prefect").exists()
     assert services["worker-cpu"]["command"][:3] == ["prefect", "worker", "start"]
+    assert services["dask-scheduler"]["command"][:2] == ["dask", "scheduler"] and (bin_dir / "dask").exists()
     mlflow_cmd = shlex.split(services["mlflow"]["command"][-1].replace("${POSTGRES_PASSWORD:-stage1}", "pw"))
     assert "mlflow" in mlflow_cmd and (bin_dir / "mlflow").exists()
     assert mlflow_cmd[mlflow_cmd.index("mlflow") + 1] == "server"
