@@ -106,7 +106,7 @@ def local_cluster_options(config: ScaleOutConfig) -> tuple[str, dict[str, Any]]:
 
     env = {"STAGE1_HOME": str(stage1_home()), "PREFECT_API_URL": prefect_api_url(),
            "OMP_NUM_THREADS": str(config.threads_per_worker)}
-    kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, "env": env}
+    kwargs: dict[str, Any] = {"threads_per_worker": 1, "processes": True, "dashboard_address": ":0", "env": env}
     if config.gpus_per_task:
         try:
             import dask_cuda  # noqa: F401
