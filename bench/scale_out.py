@@ -96,15 +96,28 @@ def main() -> None:
         from distributed import LocalCluster
 
         from stage1core.features import chunk_job, plan_chunks
-        from tasks.scale_out import ScaleOutConfig, dask_task_runner, embed_chunks
+        from tasks.scale_out import (
+            ScaleOutConfig,
+            dask_task_runner,
+            embed_chunks,
+            local_cluster_options,
+            worker_spawn_settings,
+            workers_report_here,
+        )
 
         start = time.perf_counter()
-        if args.gpu:
-            from dask_cuda import LocalCUDACluster
+        # the cluster the product starts (tasks.scale_out): its workers' environment names this process's
+        # Prefect server and STAGE1_HOME (without it each worker starts an ephemeral Prefect server of its
+        # own on its first task), and drops Dask's fixed malloc trim threshold
+        cluster_class, kwargs = local_cluster_options(ScaleOutConfig(engine="dask", workers=workers,
+                                                                     gpus_per_task=1 if args.gpu else 0))
+        with worker_spawn_settings():
+            if args.gpu:
+                from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(threads_per_worker=1, dashboard_address=None, resources={"GPU": 1})
-        else:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+                cluster = LocalCUDACluster(**kwargs)
+            else:
+                cluster = LocalCluster(**kwargs)
         try:
             from distributed import Client
 
@@ -116,8 +129,9 @@ def main() -> None:
             target = feature_store_target(spec, config, store_root=tmp / f"two{r}")
             job = chunk_job(target, torch_threads=1)
             plan = plan_chunks(target.root, samples, chunk_size=chunk, batch_size=batch)
-            results = embed_chunks.with_options(task_runner=dask_task_runner(scale))(
-                job, plan.chunks, retries=0, gpus_per_task=scale.gpus_per_task)
+            with workers_report_here():  # as tasks.scale_out.fill_store_in_chunks runs it
+                results = embed_chunks.with_options(task_runner=dask_task_runner(scale))(
+                    job, plan.chunks, retries=0, gpus_per_task=scale.gpus_per_task)
             done = time.perf_counter()
         finally:
             cluster.close()

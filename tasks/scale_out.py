@@ -15,7 +15,8 @@ inside them, so their cache keys and results stay those of the one-process path.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ class ScaleOutConfig:
     # (start them with `--resources GPU=1`)
     gpus_per_task: int = 0
     # images per chunk, a multiple of features.batch_size; the most a failed chunk recomputes, and the
-    # unit of scheduling (the engine's overhead per chunk is about 0.1 s: docs/benchmarks.md section 13)
+    # unit of scheduling (the engine waits 0.15-0.25 s between chunks: docs/benchmarks.md section 13)
     chunk_size: int = 1024
     # Prefect retries of a chunk whose task raised (a dead worker process is rerun by Dask itself)
     retries: int = 2
@@ -117,6 +118,43 @@ def local_cluster_options(config: ScaleOutConfig) -> tuple[str, dict[str, Any]]:
     return "distributed.LocalCluster", {**kwargs, "n_workers": config.workers}
 
 
+@contextmanager
+def workers_report_here() -> Iterator[None]:
+    """Task runs on the workers report to this process's Prefect API, also when that API is the ephemeral
+    server Prefect started here (no PREFECT_API_URL): a task sent to a Dask worker carries this process's
+    settings, and with no API URL in them each worker would start an ephemeral server of its own (6 s of
+    CPU per worker on its first chunk, here) and record its task runs where no one looks. With an API URL
+    set this changes nothing. Workers on other hosts need a server they can reach (docs/scale-out.md)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings({PREFECT_API_URL: prefect_api_url()}):
+        yield
+
+
+@contextmanager
+def worker_spawn_settings() -> Iterator[None]:
+    """Dask's settings for the worker processes a cluster started in this block spawns, less one.
+
+    Dask puts MALLOC_TRIM_THRESHOLD_=65536 into every new worker's environment
+    (`distributed.nanny.pre-spawn-environ`), to hand freed memory back to the OS sooner. Setting any trim
+    threshold also pins glibc's mmap threshold at 128 KiB, so every activation tensor of every forward pass
+    is mmap'ed and unmapped again: EfficientNet-Lite0 took 68 ms per image instead of 48 in a plain process
+    with that variable set (2-core AMD EPYC, one thread). The other settings (one OpenMP/MKL/OpenBLAS
+    thread) stay. The nannies read this when they are created, so restarted workers keep it. Workers of an
+    existing cluster get the same from `DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON` (docs/scale-out.md).
+    """
+    import dask
+    import distributed  # noqa: F401  (loads distributed's defaults into dask.config)
+
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        yield
+
+
 def dask_task_runner(config: ScaleOutConfig):
     """prefect-dask's task runner for `config`: the existing scheduler at `address`, or a temporary
     cluster (`local_cluster_options`) that lives as long as the subflow."""
@@ -128,7 +166,9 @@ def dask_task_runner(config: ScaleOutConfig):
     return DaskTaskRunner(cluster_class=cluster_class, cluster_kwargs=kwargs)
 
 
-@task(name="embed_chunk", cache_policy=NO_CACHE, persist_result=False, tags=["features"])
+# no tags: Prefect takes a tag-concurrency lease (a round trip through the API's lease service) around every
+# run of a tagged task, and that cost 1-2 s per chunk here, on top of 7 s of compute
+@task(name="embed_chunk", cache_policy=NO_CACHE, persist_result=False)
 def embed_chunk(job: FeatureChunkJob, chunk: str) -> ChunkResult:
     """Embed one planned chunk into the shared feature store (no cache: the store is the cache, and a
     chunk already done costs one stat per shard)."""
@@ -166,9 +206,10 @@ def fill_store_in_chunks(target: StoreTarget, samples: Sequence[Sample], config:
                                    f"{config.threads_per_worker} threads")
         say(f"embedding {plan.n_missing} new images ({len(plan.ids) - plan.n_missing} cached) in {len(plan.chunks)} "
             f"chunks of <= {config.chunk_size} on Dask ({where}) into {target.root}")
-        results = embed_chunks.with_options(task_runner=dask_task_runner(config))(
-            job, plan.chunks, retries=config.retries, retry_delay_s=config.retry_delay_s,
-            gpus_per_task=config.gpus_per_task)
+        with workers_report_here(), worker_spawn_settings():  # a temporary cluster starts in the subflow
+            results = embed_chunks.with_options(task_runner=dask_task_runner(config))(
+                job, plan.chunks, retries=config.retries, retry_delay_s=config.retry_delay_s,
+                gpus_per_task=config.gpus_per_task)
     info = chunked_feature_set_info(target.root, plan.ids, results, seconds=time.perf_counter() - started)
     if plan.chunks:
         say(f"embedded {info.n_computed} images in {info.seconds:.1f}s ({info.images_per_second:.1f} images/s) "

@@ -39,12 +39,25 @@ def cluster(prefect_server):
     Prefect API in their environment), started once here and passed to the runs by address."""
     from distributed import LocalCluster
 
-    from tasks.scale_out import ScaleOutConfig, local_cluster_options
+    from tasks.scale_out import ScaleOutConfig, local_cluster_options, worker_spawn_settings
 
     cluster_class, kwargs = local_cluster_options(ScaleOutConfig(engine="dask", workers=2, threads_per_worker=1))
     assert cluster_class == "distributed.LocalCluster" and kwargs["env"]["PREFECT_API_URL"].startswith("http")
-    with LocalCluster(**kwargs) as local:
+    with worker_spawn_settings(), LocalCluster(**kwargs) as local:
         yield local
+
+
+@pytest.mark.slow
+def test_workers_keep_glibc_s_adaptive_malloc_and_one_thread(cluster):
+    """Dask's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold (68 instead of 48 ms per image here);
+    the cluster's workers start without it and with one OpenMP thread."""
+    import os
+
+    from distributed import Client
+
+    with Client(cluster.scheduler_address) as client:
+        seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+    assert len(seen) == 2 and set(seen.values()) == {(None, "1")}, seen
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +317,20 @@ def test_train_pipeline_fine_tunes_in_two_processes_with_the_one_process_bundle_
     locator = {s.sample_id: s.locator for s in splits["test"]}
     p = load_bundle(bundle, device="cpu").predict_proba([locator[s] for s in preds["sample_ids"]])
     np.testing.assert_allclose(p, preds["p_roadwork"], atol=1e-5)
+
+
+def test_workers_report_to_this_process_s_api_also_without_an_api_url(monkeypatch):
+    """A task sent to a worker carries this process's Prefect settings: with no API URL in them (Prefect's
+    ephemeral server) each worker would start a server of its own, so the block puts this process's URL in;
+    a URL already set is left alone."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks import scale_out
+
+    monkeypatch.setattr(scale_out, "prefect_api_url", lambda: "http://127.0.0.1:4321/api")
+    with temporary_settings({PREFECT_API_URL: None}):
+        with scale_out.workers_report_here():
+            assert PREFECT_API_URL.value() == "http://127.0.0.1:4321/api"
+        assert not PREFECT_API_URL.value()
+    with temporary_settings({PREFECT_API_URL: "http://server:4200/api"}), scale_out.workers_report_here():
+        assert PREFECT_API_URL.value() == "http://server:4200/api"
