@@ -33,12 +33,19 @@ def configure(parser) -> None:
     parser.add_argument("--gpu", action="store_true", help="one worker per GPU vs one process on one GPU")
 
 
-def _import_worker_modules() -> None:
-    import prefect.task_engine  # noqa: F401
-    import timm  # noqa: F401
+def _warm_worker(samples, spec, config, root: str) -> None:
+    """A worker's start-up, as the one-process side gets it before its clock starts: the imports, and a
+    first extraction of a few images (torch's kernels and allocator warm) into a throwaway store."""
+    import os
 
-    import stage1core.features  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    import torch
+
     import tasks.scale_out  # noqa: F401
+    from stage1core.features import extract_features
+
+    torch.set_num_threads(1)
+    extract_features(samples, spec, config, store_root=f"{root}/{os.getpid()}", progress=False)
 
 
 def main() -> None:
@@ -121,8 +128,8 @@ def main() -> None:
         try:
             from distributed import Client
 
-            with Client(cluster.scheduler_address) as client:  # the workers' imports: start-up, not per chunk
-                client.run(_import_worker_modules)
+            with Client(cluster.scheduler_address) as client:  # start-up, not per chunk (see _warm_worker)
+                client.run(_warm_worker, samples[:4], spec, config, str(tmp / "warm"))
             started = time.perf_counter()
             scale = ScaleOutConfig(engine="dask", address=cluster.scheduler_address, workers=workers,
                                    chunk_size=chunk, gpus_per_task=1 if args.gpu else 0)

@@ -19,8 +19,9 @@ def test_cached_rerun_bench_quick_mode(tmp_path):
 @pytest.mark.slow
 def test_startup_bench_quick_mode(tmp_path):
     out = run_bench("startup", tmp_path, timeout=1200)
-    check_warm_over_cold(out, ratios(out), cold=r"cold run \(empty home\)", warm=["warm run", "warm run again"],
-                         goal="<= 10%")
+    # --quick runs the command twice (cold, warm): a third run is a minute of CPU on a loaded 2-core machine
+    check_warm_over_cold(out, ratios(out), cold=r"cold run \(empty home\)", warm=["warm run"], goal="<= 10%")
+    assert "warm run again" not in out
     assert "warm run: where the time goes:" in out
 
 
