@@ -1,13 +1,14 @@
 """Benchmark 13: scale-out. Feature extraction in one process vs chunked over two Dask workers.
 
-Both sides embed the same demo images with EfficientNet-Lite0 (package weights, fp32, batch 32, no
-decode workers) into an empty store, each worker process pinned to one torch thread: one process (the
-default path, `extract_features`, in this process with one thread) against the product's chunked path
-(`tasks.scale_out`: chunks planned, the `extract-features-chunks` subflow mapping `embed_chunk` over a
-fresh 2-worker LocalCluster through prefect-dask). Both sides are warmed alike before their clock starts
-(imports and one extraction of 4 images, each process in itself). The goal is on the started cluster (a
-team's long-lived cluster); starting a temporary one and warming its workers are reported apart, and the
-speed-up with them included too. One backbone build per worker counts as chunk work. Sides alternate.
+Both sides embed the same demo images with EfficientNet-Lite0 (package weights; --quick: the tiny
+random-init ViT), fp32, batch 32, no decode workers, into an empty store, each process pinned to one
+torch thread: one process (the default path, `extract_features`, in this process) against the product's
+chunked path (`tasks.scale_out`: chunks planned, the `extract-features-chunks` subflow mapping
+`embed_chunk` over a fresh 2-worker LocalCluster through prefect-dask). Both sides are warmed alike before
+their clock starts (imports and one extraction of 4 images, each process in itself). The goal is on the
+started cluster (a team's long-lived cluster); starting a temporary one and warming its workers are
+reported apart, and the speed-up with them included too. One backbone build per worker counts as chunk
+work. Sides alternate.
 
 Engine overhead per chunk = (workers x wall time of the subflow - time spent inside the chunk function) /
 chunks: Prefect's task runs, Dask's scheduling, pickling, the workers' first imports and idle tails;
@@ -74,7 +75,8 @@ def main() -> None:
     chunk = 16 if args.quick else args.chunk
     batch = 16 if args.quick else 32
     samples = c.load_samples(c.bench_data(n, quick=args.quick))
-    spec = resolve_backbone(c.demo_backbone())
+    # --quick (the test suite): the tiny random-init ViT of the other quick runs, 32 px
+    spec = resolve_backbone(c.vit_small_backbone(tiny=True) if args.quick else c.demo_backbone())
     device = "cuda" if args.gpu else "cpu"
     config = FeatureConfig(batch_size=batch, num_workers=0, precision="fp32", shard_size=chunk, device=device)
     workers = torch.cuda.device_count() if args.gpu else 2
