@@ -22,7 +22,7 @@ import pytest
 
 from stage1core.backbone import BackboneConfig
 from stage1core.features import FeatureConfig, FeatureStore, extract_features, feature_store_target
-from tests.common import TINY_EVA
+from tests.common import HANG_TIMEOUT_S, TINY_EVA
 
 pytestmark = pytest.mark.slow
 
@@ -334,3 +334,44 @@ def test_workers_report_to_this_process_s_api_also_without_an_api_url(monkeypatc
         assert not PREFECT_API_URL.value()
     with temporary_settings({PREFECT_API_URL: "http://server:4200/api"}), scale_out.workers_report_here():
         assert PREFECT_API_URL.value() == "http://server:4200/api"
+
+
+MALLOC_PROBE = """
+import ctypes
+import numpy as np
+from tasks.scale_out import malloc_thresholds_for_torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mmapped_for_2mib():  # blocks glibc mmaps to hold a 2 MiB array, beyond those held already
+    base = libc.mallinfo2().hblks
+    a = np.ones(1 << 18)
+    extra = libc.mallinfo2().hblks - base
+    del a
+    return extra
+
+before = mmapped_for_2mib()
+malloc_thresholds_for_torch()
+print(before, mmapped_for_2mib())
+"""
+
+
+def test_a_worker_started_with_dask_s_malloc_trim_threshold_gets_heap_allocations_back(tmp_path):
+    """On an existing cluster the workers carry MALLOC_TRIM_THRESHOLD_=65536 (Dask's default), which pins
+    glibc's mmap threshold at 128 KiB: every tensor above it is mmap'ed and unmapped again. The chunk task's
+    `malloc_thresholds_for_torch` raises the threshold, so a 2 MiB array comes from the heap again."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=HANG_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = map(int, proc.stdout.split()[-2:])
+    assert before >= 1 and after == 0, proc.stdout
