@@ -77,6 +77,22 @@ def describe_machine() -> dict:
     return info
 
 
+def fresh_home() -> str:
+    """A new temporary $STAGE1_HOME with no outside Prefect or MLflow settings, configured before prefect
+    is imported (the ephemeral Prefect server then lives under it); its path."""
+    home = tempfile.mkdtemp(prefix="bench-stage1-home-")
+    os.environ["STAGE1_HOME"] = home
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        os.environ.pop(key, None)
+    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    # a loaded machine can take more than Prefect's default 20 s to start the ephemeral server
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    from stage1core.home import configure_environment
+
+    configure_environment()
+    return home
+
+
 def header(title: str, args: argparse.Namespace) -> None:
     print(f"== {title}{' (quick mode: smoke sizes, figures meaningless)' if args.quick else ''} ==")
     describe_machine()

@@ -11,8 +11,6 @@ Goal: warm <= 5% of cold.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 
 import _common as c
@@ -20,16 +18,7 @@ import _common as c
 
 def main() -> None:
     args = c.parse_args(__doc__, configure=lambda p: p.add_argument("--images", type=int, default=600))
-    home = tempfile.mkdtemp(prefix="bench-stage1-home-")
-    os.environ["STAGE1_HOME"] = home
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
-        os.environ.pop(key, None)
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    # a loaded machine can take more than Prefect's default 20 s to start the ephemeral server
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    from stage1core.home import configure_environment
-
-    configure_environment()  # before prefect is imported: the ephemeral server lives under the fresh home
+    home = c.fresh_home()
     c.header("4. cached rerun: train_pipeline cold vs warm", args)
     import dataclasses
 

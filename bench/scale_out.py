@@ -38,7 +38,6 @@ def configure(parser) -> None:
 def _warm_worker(samples, spec, config, root: str) -> None:
     """A worker's start-up, as the one-process side gets it before its clock starts: the imports, and a
     first extraction of a few images (torch's kernels and allocator warm) into a throwaway store."""
-    import os
 
     import prefect.task_engine  # noqa: F401
     import torch
@@ -52,15 +51,7 @@ def _warm_worker(samples, spec, config, root: str) -> None:
 
 def main() -> None:
     args = c.parse_args(__doc__, repeats=2, configure=configure)
-    home = tempfile.mkdtemp(prefix="bench-stage1-home-")
-    os.environ["STAGE1_HOME"] = home
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
-        os.environ.pop(key, None)
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    from stage1core.home import configure_environment
-
-    configure_environment()  # before prefect is imported: the ephemeral server lives under the fresh home
+    c.fresh_home()
     c.header("13. scale-out: one process vs chunks on two Dask workers", args)
     import torch
 
