@@ -33,16 +33,7 @@ from .backbone import (
     embed,
     feature_dim,
 )
-from .features import (
-    STORE_FORMAT,
-    FeatureConfig,
-    StoreTarget,
-    draft_size,
-    eval_transform,
-    feature_store_dir,
-    resolve_device,
-    store_key,
-)
+from .features import FeatureConfig, StoreTarget, draft_size, eval_transform, resolve_device, store_target
 from .fingerprint import fingerprint, sha256_bytes, sha256_file
 from .images import ImageDecodeError, decode_image
 from .policy import FittedPolicy
@@ -335,10 +326,7 @@ class Predictor:
         pre = {k: v for k, v in self.preprocessing.items() if k != "precision"}
         precision = self.preprocessing["precision"]
         config = dataclasses.replace(config, precision=precision, jpeg_draft=bool(pre.get("jpeg_draft")))
-        key = store_key(self.spec, pre, precision)
-        meta = {"format": STORE_FORMAT, "store_key": key, "backbone": self.spec.to_json(), "preprocessing": pre,
-                "precision": precision, "dim": feature_dim(build_skeleton(self.spec), self.spec.pooling)}
-        return StoreTarget(root=feature_store_dir(key), meta=meta, pre=pre, pooling=self.spec.pooling, config=config)
+        return store_target(self.spec, pre, config, dim=feature_dim(build_skeleton(self.spec), self.spec.pooling))
 
     def _tensor(self, image: ImageInput) -> torch.Tensor:
         name = str(image) if isinstance(image, (str, Path)) else None

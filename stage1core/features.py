@@ -294,10 +294,16 @@ def feature_store_target(backbone: BackboneConfig | BackboneSpec, config: Featur
     skeleton = build_skeleton(spec)
     config = dataclasses.replace(
         config, precision=resolve_precision(config.precision, skeleton, resolve_device(config.device)))
-    pre = preprocessing_spec(skeleton, spec, config)
+    return store_target(spec, preprocessing_spec(skeleton, spec, config), config,
+                        dim=feature_dim(skeleton, spec.pooling), store_root=store_root)
+
+
+def store_target(spec: BackboneSpec, pre: dict[str, Any], config: FeatureConfig, *, dim: int,
+                 store_root: str | Path | None = None) -> StoreTarget:
+    """The store of `spec`'s features under the preprocessing `pre` at `config.precision` (resolved)."""
     key = store_key(spec, pre, config.precision)
     meta = {"format": STORE_FORMAT, "store_key": key, "backbone": spec.to_json(), "preprocessing": pre,
-            "precision": config.precision, "dim": feature_dim(skeleton, spec.pooling)}
+            "precision": config.precision, "dim": dim}
     return StoreTarget(root=feature_store_dir(key, store_root), meta=meta, pre=pre, pooling=spec.pooling,
                        config=config)
 
@@ -368,11 +374,12 @@ def fill_feature_store(
                                       progress=progress)
     finally:
         lock.release()
-    seconds = time.perf_counter() - started
+    info = feature_set_info(store, ids, failed=failed, n_computed=len(todo) - len(failed),
+                            seconds=time.perf_counter() - started)
     if todo:
-        say(f"embedded {len(todo) - len(failed)} images in {seconds:.1f}s "
-            f"({(len(todo) - len(failed)) / seconds:.1f} images/s), {len(failed)} failed")
-    return feature_set_info(store, ids, failed=failed, n_computed=len(todo) - len(failed), seconds=seconds)
+        say(f"embedded {info.n_computed} images in {info.seconds:.1f}s ({info.images_per_second:.1f} images/s), "
+            f"{len(failed)} failed")
+    return info
 
 
 def feature_set_info(store: FeatureStore, ids: Sequence[str], *, failed: list[dict[str, str]], n_computed: int,
@@ -572,10 +579,11 @@ def fill_chunk(job: FeatureChunkJob, chunk: str) -> ChunkResult:
     if config.num_workers and multiprocessing.current_process().daemon:
         config = dataclasses.replace(config, num_workers=0)
     samples = read_chunk(root, chunk)
-    size = config.shard_size
-    todo = [s for start in range(0, len(samples), size)
-            if not store.has_shard([s.sample_id for s in samples[start:start + size]])
-            for s in samples[start:start + size]]
+    todo: list[Sample] = []
+    for start in range(0, len(samples), config.shard_size):
+        shard = samples[start:start + config.shard_size]
+        if not store.has_shard([s.sample_id for s in shard]):
+            todo.extend(shard)
     failed: list[dict[str, str]] = []
     model_seconds = 0.0
     if todo:
@@ -592,7 +600,8 @@ def chunked_feature_set_info(root: Path, ids: Sequence[str], results: Sequence[C
     """The FeatureSetInfo of a chunked fill (the same as the one-process run's for the same samples)."""
     store = FeatureStore(root)
     failed = [f for r in results for f in r.failed]
-    lost = store.missing([sid for sid in ids if sid not in {f["sample_id"] for f in failed}])
+    failed_ids = {f["sample_id"] for f in failed}
+    lost = store.missing([sid for sid in ids if sid not in failed_ids])
     if lost:
         raise RuntimeError(f"{len(lost)} samples are still missing from {root} after every chunk finished "
                            f"(e.g. {lost[0]}); rerun to compute them")
