@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from deployments.cli_bundles import cmd_keygen, cmd_predict, cmd_sign
 from deployments.cli_registry import cmd_history, cmd_promote, cmd_rollback
@@ -99,6 +100,55 @@ class Stopped(KeyboardInterrupt):
 
 def _raise_stopped(signum: int, frame) -> None:
     raise Stopped(signum)
+
+
+def _stop_signal(exc: BaseException | None) -> int | None:
+    """The signal an exception stands for: ours (Stopped), Prefect's TerminationSignal, or Ctrl-C."""
+    if isinstance(exc, Stopped):
+        return exc.signum
+    if type(exc).__name__ == "TerminationSignal" and isinstance(getattr(exc, "signal", None), int):
+        return exc.signal
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    return None
+
+
+def _keep_stop_requests(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """A `sys.unraisablehook` that does not let Python drop a stop request.
+
+    A signal handler raises in whatever Python code the main thread runs when the signal arrives. When
+    that is a garbage-collector or weakref callback or a `__del__` (SQLAlchemy's `_collection_gced`
+    was seen), Python reports the exception as unraisable and goes on: the run would finish as if never
+    asked to stop. This hook delivers the same signal again, so that its handler (ours or Prefect's
+    SIGTERM bridge) raises in the code that runs next. Other unraisable errors go to `previous`."""
+
+    def hook(unraisable: Any) -> object:
+        try:
+            signum = _stop_signal(unraisable.exc_value)
+            if signum is None:
+                return previous(unraisable)
+            _deliver_again(signum)
+        except BaseException as exc:  # a stop that lands in this hook: keep it too
+            signum = _stop_signal(exc)
+            if signum is None:
+                raise
+            _deliver_again(signum)
+        return None
+
+    return hook
+
+
+def _deliver_again(signum: int) -> None:
+    """Send `signum` to this process from another thread: raised here, in the main thread, the handler's
+    exception would land in the unraisable hook again."""
+    import threading
+    import time
+
+    def send() -> None:
+        time.sleep(0.02)  # the main thread has left the hook by then
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=send, name="stage1-stop-again", daemon=True).start()
 
 
 # errors whose message says what is wrong and what to do: printed as one line, never as a traceback
@@ -189,8 +239,10 @@ def run_command(args: argparse.Namespace) -> int:
     server = None
     saved_env = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "STAGE1_LOCAL_PREFECT_SERVER")}
     previous_term = signal.getsignal(signal.SIGTERM)
+    previous_unraisable = sys.unraisablehook
     clock = _Timings()
     try:
+        sys.unraisablehook = _keep_stop_requests(previous_unraisable)
         try:
             signal.signal(signal.SIGTERM, _raise_stopped)
         except ValueError:  # not the main thread (tests call main() from threads): keep the default
@@ -252,6 +304,7 @@ def run_command(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous_term)
         except ValueError:
             pass
+        sys.unraisablehook = previous_unraisable
 
 
 # adds one subcommand: add(name, help, fn, description='') -> its parser (build_parser's `add`)

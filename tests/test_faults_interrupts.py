@@ -102,3 +102,69 @@ def test_kill9_right_after_the_version_is_created_leaves_no_orphan_and_the_rerun
     assert query(prefect_db(home), "select state_type from flow_run where id = ?", killed["flow_run_id"]) == [
         ("CRASHED",)]
     assert not _in_flight(home)
+
+
+# A signal whose handler raises while the main thread runs a weakref (or GC, or __del__) callback is
+# reported by Python as "Exception ignored" and dropped; this happened to Prefect's SIGTERM bridge
+# inside SQLAlchemy's `_collection_gced`, and the run finished as if never stopped.
+_LOST_SIGNAL_SCRIPT = r"""
+import argparse, signal, sys, time, weakref
+from deployments import cli
+
+def command(args):
+    if sys.argv[1] == "prefect":
+        from prefect.utilities.engine import _prefect_sigterm_handler
+        signal.signal(signal.SIGTERM, _prefect_sigterm_handler)
+    class Thing:
+        pass
+    def callback(ref):
+        signal.raise_signal(signal.SIGTERM)  # its handler raises here, inside the callback
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing
+    for _ in range(1000):
+        time.sleep(0.01)
+    print("finished")
+    return 0
+
+try:
+    code = cli.run_command(argparse.Namespace(command="info", fn=command))
+except BaseException as exc:
+    print("raised", type(exc).__name__)
+    code = 143
+print("code", code, "hook restored", sys.unraisablehook is sys.__unraisablehook__)
+"""
+
+
+@pytest.mark.parametrize("handler", ["stage1", "prefect"])
+def test_a_stop_dropped_inside_a_gc_callback_is_delivered_again(tmp_path, handler):
+    import subprocess
+    import sys
+
+    script = tmp_path / "lost_signal.py"
+    script.write_text(_LOST_SIGNAL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "STAGE1_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(script), handler], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    out = done.stdout + done.stderr
+    assert "finished" not in out, out
+    if handler == "stage1":
+        # the CLI's own path: one line, exit 128 + SIGTERM, the previous hook back in place
+        assert "stage1: stopped by SIGTERM" in out and "code 143 hook restored True" in out, out
+    else:
+        # Prefect's bridge raises TerminationSignal, which the flow engine turns into a Cancelled run
+        assert "raised TerminationSignal" in out, out
+    assert "Exception ignored" not in out, out
+
+
+def test_other_unraisable_errors_still_reach_the_previous_hook():
+    from deployments.cli import _keep_stop_requests
+
+    seen = []
+    hook = _keep_stop_requests(seen.append)
+
+    class Unraisable:
+        exc_value = ValueError("boom")
+
+    hook(Unraisable)
+    assert seen == [Unraisable]
