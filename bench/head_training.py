@@ -8,6 +8,10 @@ A. real features: the demo backbone (EfficientNet-Lite0, package weights) embeds
 B. scale: the default grid on M x 768 synthetic fp16 features (two shifted Gaussians, the ViT-S/16
    cls+avg width) against extracting M images with the ViT-S/16 DINOv3 architecture, whose images/s is
    measured on a few demo images and extrapolated to M (embedding M images would take hours here).
+C. why the AdamW candidates are not stacked: 6 MLP heads (the default grid's lr x weight decay) trained
+   side by side as separate modules (what `fit_head` does) against the same 6 with their weights stacked
+   in one module (one GEMM for the first layers, a batched matmul for the second), interleaved, at the
+   train size of A and at the grid's row cap (`selection.max_rows`).
 Goal: head selection stays a small fraction of extraction.
 """
 
@@ -80,6 +84,53 @@ def main() -> None:
     c.figure("B: extraction for N (extrapolated)", f"{vit_s:.0f} s = {vit_s / 3600:.1f} h for {n} images")
     c.ratio_line("B: head selection / extraction time for the same N", big_s / vit_s * 100, unit="%",
                  goal="small fraction (< 10%)", met=big_s / vit_s < 0.10)
+
+    # C. side by side (separate modules) vs stacked (one module), same data, same steps
+    for rows, width in ((len(yt), int(xt.shape[1])), (min(n, 4000), dim)):
+        epochs = 2 if args.quick else 10
+        times = c.interleave(stacked_vs_separate(rows, width, epochs=epochs), repeats=2)
+        c.figure(f"C: 6 MLP heads, {rows} x {width}, {epochs} epochs, best of 2",
+                 ", ".join(f"{name} {min(v):.2f} s" for name, v in times.items()))
+        c.ratio_line(f"C: stacked / separate at {rows} rows", min(times["stacked"]) / min(times["separate"]))
+
+
+def stacked_vs_separate(rows: int, width: int, *, epochs: int, k: int = 6, hidden: int = 768, batch: int = 128):
+    """Two ways to train k MLP heads on the same batches with AdamW: the product's (k modules, one
+    parameter group each) and a stacked module (first layers as one (k*hidden, width) GEMM)."""
+    import torch
+    import torch.nn.functional as F
+
+    from stage1core.heads import MLPHead
+
+    torch.manual_seed(0)
+    x, y = torch.randn(rows, width), torch.randint(0, 2, (rows,))
+
+    def separate():
+        heads = [MLPHead(width, hidden) for _ in range(k)]
+        optimizer = torch.optim.AdamW([{"params": list(h.parameters())} for h in heads])
+        for _ in range(epochs):
+            for i in range(0, rows, batch):
+                xb, yb = x[i:i + batch], y[i:i + batch]
+                torch.stack([F.cross_entropy(h(xb), yb) for h in heads]).sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    def stacked():
+        w1 = torch.nn.Parameter(torch.randn(k * hidden, width) * 0.02)
+        b1 = torch.nn.Parameter(torch.zeros(k * hidden))
+        w2 = torch.nn.Parameter(torch.randn(k, 2, hidden) * 0.02)
+        b2 = torch.nn.Parameter(torch.zeros(k, 2))
+        optimizer = torch.optim.AdamW([w1, b1, w2, b2])
+        for _ in range(epochs):
+            for i in range(0, rows, batch):
+                xb, yb = x[i:i + batch], y[i:i + batch]
+                h = F.dropout(F.gelu(F.linear(xb, w1, b1)), 0.1, True).view(len(xb), k, hidden)
+                logits = torch.einsum("bkh,kch->kbc", h, w2) + b2[:, None, :]
+                (F.cross_entropy(logits.reshape(-1, 2), yb.repeat(k)) * k).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return {"separate": separate, "stacked": stacked}
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ def main() -> None:
         p.add_argument("--per-class", type=int, default=1500)
         p.add_argument("--salts", type=int, default=8, help="extra splits (salts) to rerun head and baselines on")
         p.add_argument("--demo", action="store_true", help="the demo dataset instead of Fashion-MNIST")
-        p.add_argument("--home", help="STAGE1_HOME of an earlier run of this benchmark to reuse (its feature "
-                                      "store and cached tasks); default: a fresh temporary home")
+        p.add_argument("--home", help="STAGE1_HOME to use: an earlier run's reuses its feature store and "
+                                      "cached tasks, a new one is created; default: a fresh temporary home")
 
     args = c.parse_args(__doc__, repeats=1, configure=options)
     c.header("11. the pipeline's head vs logistic regression and kNN on real images (Fashion-MNIST)", args)
@@ -75,6 +75,7 @@ def main() -> None:
     data = (c.demo_data(200 if args.quick else 1200) if args.demo else
             fashion_folder(per_class, 32 if args.quick else 224))
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-quality-home-"))
+    home.mkdir(parents=True, exist_ok=True)  # a --home that does not exist yet is this run's
     print(f"  home: {home}")
     os.environ["STAGE1_HOME"] = str(home)
     from stage1core.home import configure_environment

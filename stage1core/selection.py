@@ -37,6 +37,10 @@ class SelectionConfig:
     cv_folds: int = 5
     # with cls+avg features, also try the CLS token alone and the patch mean alone
     pooling_views: bool = True
+    # the grid trains (and C is cross-validated) on a class-stratified random subsample of at most this
+    # many train rows, so that its cost stops growing with the data; the chosen head is then fitted on
+    # all rows (train + val with refit, all of train without). 0: no cap
+    max_rows: int = 4000
 
     # which epoch of an AdamW candidate competes: "last" (the end of its cosine schedule, EMA weights:
     # one val score per candidate, as the exactly solved linear heads have) or "best" (its best eligible
@@ -44,8 +48,9 @@ class SelectionConfig:
     adamw_epoch: Literal["last", "best"] = "last"
     # after the choice, fit the chosen head again on train + val (val only chose; the head then learns
     # from every image outside calib and test): a linear head with C chosen again by the same
-    # cross-validation on train + val, an AdamW head with its lr, weight decay and whole schedule (only
-    # with adamw_epoch="last": a best epoch found on val cannot be found again once val is trained on)
+    # cross-validation on train + val (on at most max_rows of them), an AdamW head with its lr, weight
+    # decay and whole schedule (only with adamw_epoch="last": a best epoch found on val cannot be found
+    # again once val is trained on)
     refit: bool = True
 
     def __post_init__(self) -> None:
@@ -60,6 +65,9 @@ class SelectionConfig:
             raise ValueError("SelectionConfig.lr_factors and linear_c must be > 0")
         if self.cv_folds < 2:
             raise ValueError(f"SelectionConfig.cv_folds must be >= 2, got {self.cv_folds}")
+        if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 0 or (
+                0 < self.max_rows < 100):
+            raise ValueError(f"SelectionConfig.max_rows must be 0 (no cap) or an integer >= 100, got {self.max_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,10 @@ class Candidate:
         return f"{self.kind} {knobs} view={self.view.name}"
 
 
-def selection_criterion(selection: SelectionConfig, n_eligible: int) -> str:
-    """The rule that chose the head, in words (head.json, the model card, the run summary)."""
+def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_rows: tuple[int, int] | None = None
+                        ) -> str:
+    """The rule that chose the head, in words (head.json, the model card, the run summary). `grid_rows`:
+    (rows the grid trained on, train rows) when the grid saw a subsample."""
     if not selection.enabled:
         return "one head; class-balanced Brier score on the val split, its best epoch after the LR warmup"
     adamw = "their last epoch" if selection.adamw_epoch == "last" else "their best epoch after the LR warmup"
@@ -91,10 +101,27 @@ def selection_criterion(selection: SelectionConfig, n_eligible: int) -> str:
     if selection.refit:
         refit = ("; the chosen head is then fitted again on train + val (linear: C chosen again by CV"
                  + (", AdamW: the same schedule)" if selection.adamw_epoch == "last" else "; AdamW heads are kept)"))
+    elif grid_rows is not None:
+        refit = "; the chosen head is then fitted again on all of train"
+    if grid_rows is not None:
+        refit = (f"; the grid trained on a stratified subsample of {grid_rows[0]} of the {grid_rows[1]} train "
+                 f"rows (selection.max_rows)" + refit)
     return (f"class-balanced Brier score on the val split (linear heads: C by {selection.cv_folds}-fold CV on "
             f"train; AdamW heads: {adamw}); the simplest of {n_eligible} candidates within "
             f"{standard_errors_allowed(n_eligible):.2f} standard errors of the best wins (linear before mlp, "
             f"fewer feature dimensions first){refit}")
+
+
+def capped_rows(y: np.ndarray, cap: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a class-stratified random subsample of at most `cap` rows (seeded), or None
+    when all rows fit (or `cap` is 0)."""
+    y = np.asarray(y)
+    if cap <= 0 or len(y) <= cap:
+        return None
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    rows, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=cap, random_state=seed).split(np.zeros(len(y)), y))
+    return np.sort(rows)
 
 
 def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:

@@ -20,12 +20,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .comparison import mcc_from_counts
 from .config import describe_fields
 from .fingerprint import fingerprint, sha256_file
 from .heads import FeatureView, HeadConfig, SelectiveHead, build_head, positive_probability
 from .loop import EarlyStopping, LogFn, cosine_schedule, judged_model, no_log, weight_ema
 from .losses import class_weighted_ce, class_weights_from_labels, risk_aware_loss, selectivenet_loss
-from .selection import Candidate, SelectionConfig, balanced_brier, select_candidate, selection_criterion
+from .selection import (
+    Candidate,
+    SelectionConfig,
+    balanced_brier,
+    capped_rows,
+    select_candidate,
+    selection_criterion,
+)
 from .storage import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -166,26 +174,29 @@ def fit_head(
     candidates = head_grid(head, config, selection, views, needs_gate=needs_gate)
     xt = torch.as_tensor(train_x, dtype=torch.float32)
     xv = torch.as_tensor(val_x, dtype=torch.float32)
+    yt, yv = np.asarray(train_y), np.asarray(val_y)
+    # the grid's rows: all of train, or a stratified subsample of selection.max_rows (its cost is then
+    # bounded); the chosen head is fitted on all rows afterwards
+    rows = capped_rows(yt, selection.max_rows, config.seed) if selection.enabled else None
+    xs, ys = (xt, yt) if rows is None else (xt[torch.as_tensor(rows)], yt[rows])
     results: dict[int, dict[str, Any]] = {}
     exact = [i for i, c in enumerate(candidates) if c.exact]
     looped = [i for i, c in enumerate(candidates) if not c.exact]
     if exact:
-        results.update(_fit_exact_linear(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, exact,
-                                         class_weighting=config.class_weighting, cv_folds=selection.cv_folds,
-                                         seed=config.seed))
+        results.update(_fit_exact_linear(xs, ys, xv, yv, candidates, exact, class_weighting=config.class_weighting,
+                                         cv_folds=selection.cv_folds, seed=config.seed))
     if looped:
-        results.update(_fit_adamw(xt, np.asarray(train_y), xv, np.asarray(val_y), candidates, looped,
-                                  head=head, config=config, log_fn=log_fn,
+        results.update(_fit_adamw(xs, ys, xv, yv, candidates, looped, head=head, config=config, log_fn=log_fn,
                                   last_epoch=selection.enabled and selection.adamw_epoch == "last"))
 
     eligible = [results[i].get("eligible", True) for i in range(len(candidates))]
-    chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))],
-                                   np.asarray(val_y), eligible=eligible)
+    chosen, ses = select_candidate(candidates, [results[i]["val_p"] for i in range(len(candidates))], yv,
+                                   eligible=eligible)
     c, won = candidates[chosen], results[chosen]
     refitted = None
-    if selection.enabled and selection.refit:
-        refitted = _refit(candidates, chosen, xt, np.asarray(train_y), xv, np.asarray(val_y), head=head,
-                          config=config, selection=selection)
+    if selection.enabled and (selection.refit or rows is not None):
+        x_all, y_all = (torch.cat([xt, xv]), np.concatenate([yt, yv])) if selection.refit else (xt, yt)
+        refitted = _refit(candidates, chosen, x_all, y_all, xv, yv, head=head, config=config, selection=selection)
     final = build_head(head, in_dim, kind=c.kind, view=c.view)
     final.load_state_dict(refitted["state"] if refitted else won["state"])
     final.eval()
@@ -201,30 +212,30 @@ def fit_head(
                  len(candidates), won["score"], won["epoch"])
     return TrainedHead(model=final, head=head, in_dim=in_dim, history=won["history"], best_epoch=won["epoch"],
                        kind=c.kind, view=c.view, grid=grid,
-                       criterion=selection_criterion(selection, sum(eligible)))
+                       criterion=selection_criterion(selection, sum(eligible),
+                                                     grid_rows=None if rows is None else (len(rows), len(yt))))
 
 
 VAL_KEYS = ("val_brier", "val_loss", "val_accuracy", "val_mcc")
 
 
-def _refit(candidates: Sequence[Candidate], chosen: int, xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor,
+def _refit(candidates: Sequence[Candidate], chosen: int, x: torch.Tensor, y: np.ndarray, xv: torch.Tensor,
            yv: np.ndarray, *, head: HeadConfig, config: TrainConfig, selection: SelectionConfig
            ) -> dict[str, Any] | None:
-    """The chosen candidate fitted again on train + val (`SelectionConfig.refit`): its weights and a
-    summary for the grid table (images, and the C the cross-validation on train + val chose). None for
-    an AdamW head judged at its best epoch. The val scores in the table stay those of the selection."""
+    """The chosen candidate fitted again on `x` (train + val with `SelectionConfig.refit`, else all of
+    train when the grid saw a subsample): its weights and a summary for the grid table (images, and the
+    C the cross-validation on these rows chose). None for an AdamW head judged at its best epoch. The
+    val scores in the table stay those of the selection."""
     c = candidates[chosen]
     if not c.exact and selection.adamw_epoch != "last":
         return None
-    x = torch.cat([xt, xv])
-    y = np.concatenate([yt, yv])
-    if c.exact:  # the C path of this view again, cross-validated on train + val
+    if c.exact:  # the C path of this view again, cross-validated on (at most max_rows of) these rows
         members = [i for i, other in enumerate(candidates) if other.exact and other.view == c.view]
         fitted = _fit_exact_linear(x, y, xv, yv, candidates, members, class_weighting=config.class_weighting,
-                                   cv_folds=selection.cv_folds, seed=config.seed)
-        pick = next(i for i in members if fitted[i]["eligible"])
-        return {"state": fitted[pick]["state"],
-                "summary": {"images": int(len(y)), "c": candidates[pick].c}}
+                                   cv_folds=selection.cv_folds, seed=config.seed, cv_rows=selection.max_rows,
+                                   chosen_only=True)
+        (pick,) = fitted
+        return {"state": fitted[pick]["state"], "summary": {"images": int(len(y)), "c": candidates[pick].c}}
     fitted = _fit_adamw(x, y, xv, yv, candidates, [chosen], head=head, config=config, log_fn=no_log,
                         last_epoch=True)[chosen]
     return {"state": fitted["state"], "summary": {"images": int(len(y)), "epochs": len(fitted["history"])}}
@@ -245,15 +256,18 @@ def _score(model: nn.Module, head: HeadConfig, kind: str, xv: torch.Tensor, yv: 
 
 def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
                       candidates: Sequence[Candidate], indices: Sequence[int], *, class_weighting: bool,
-                      cv_folds: int, seed: int) -> dict[int, dict[str, Any]]:
+                      cv_folds: int, seed: int, cv_rows: int = 0, chosen_only: bool = False
+                      ) -> dict[int, dict[str, Any]]:
     """Linear heads as L2-regularised (class-weighted) logistic regressions on the standardised
     features, solved by scikit-learn's L-BFGS along the C path (warm starts), then copied into a
     LinearHead: logits (0, w.z + b) give softmax p(roadwork) = sigmoid(w.z + b).
 
     Per feature view, C is chosen by stratified k-fold cross-validation on train (mean balanced
-    Brier score): for a convex model that is cheap and far less noisy than the val split, which then
-    only judges the CV-chosen linear head against the AdamW heads. The other C values are refitted on
-    all of train for the grid table but are not eligible (`eligible=False`)."""
+    Brier score; on a stratified subsample of `cv_rows` rows when there are more): for a convex model
+    that is cheap and far less noisy than the val split, which then only judges the CV-chosen linear
+    head against the AdamW heads. The other C values are fitted on all rows for the grid table but are
+    not eligible (`eligible=False`); with `chosen_only` only the chosen C is returned (the path stops
+    there)."""
     from sklearn.model_selection import StratifiedKFold
 
     head = HeadConfig(kind="linear")
@@ -271,17 +285,18 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
         with torch.no_grad():
             z = model.norm(xt).double().numpy()
         cv = np.zeros(len(cs))
-        for fit_rows, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(z, yt):
-            for k, solver in enumerate(_logistic_path(z[fit_rows], yt[fit_rows], cs, class_weighting)):
-                cv[k] += balanced_brier(solver.predict_proba(z[held])[:, 1], yt[held]) / folds
+        sub = capped_rows(yt, cv_rows, seed)
+        zc, yc = (z, yt) if sub is None else (z[sub], yt[sub])
+        for fit_rows, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(zc, yc):
+            for k, solver in enumerate(_logistic_path(zc[fit_rows], yc[fit_rows], cs, class_weighting)):
+                cv[k] += balanced_brier(solver.predict_proba(zc[held])[:, 1], yc[held]) / folds
         best = int(np.argmin(cv))  # ties: the smaller C (stronger L2)
-        for k, (j, solver) in enumerate(zip(members, _logistic_path(z, yt, cs, class_weighting), strict=True)):
-            w = torch.as_tensor(solver.coef_[0], dtype=torch.float32)
-            b = float(solver.intercept_[0])
-            with torch.no_grad():
-                model.fc.weight.copy_(torch.stack([-w / 2, w / 2]))
-                model.fc.bias.copy_(torch.tensor([-b / 2, b / 2]))
-            model.eval()
+        fitted_cs = cs[:best + 1] if chosen_only else cs
+        path = zip(members, _logistic_path(z, yt, fitted_cs, class_weighting), strict=False)  # members: all cs
+        for k, (j, solver) in enumerate(path):
+            if chosen_only and k != best:
+                continue
+            _set_linear(model, solver)
             row = {"epoch": 0, "step": int(solver.n_iter_[0]), "cv_brier": float(cv[k]),
                    **_score(model, head, "linear", xv, yv, val_weights)}
             val_p = row.pop("val_p")
@@ -289,6 +304,17 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
             out[j] = {"score": row["val_brier"], "epoch": 0, "state": state, "row": row, "history": [row],
                       "val_p": val_p, "eligible": k == best}
     return out
+
+
+def _set_linear(model: nn.Module, solver: Any) -> None:
+    """Copy a fitted binary LogisticRegression into a LinearHead (eval mode): logits (-s/2, s/2) with
+    s = w.z + b give softmax p(roadwork) = sigmoid(s)."""
+    w = torch.as_tensor(solver.coef_[0], dtype=torch.float32)
+    b = float(solver.intercept_[0])
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.stack([-w / 2, w / 2]))
+        model.fc.bias.copy_(torch.tensor([-b / 2, b / 2]))
+    model.eval()
 
 
 def _logistic_path(z: np.ndarray, y: np.ndarray, cs: Sequence[float], class_weighting: bool):
@@ -395,14 +421,16 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                     "best_val_brier": top["val_brier"], "best_val_accuracy": top["val_accuracy"]}, epoch)
         if all(s.stopped for s in stopping):
             break
-    accelerator.free_memory()
+    if device.type != "cpu":  # its gc.collect() costs ~0.2 s and frees nothing a return does not
+        accelerator.free_memory()
     return dict(zip(indices, best, strict=True))
 
 
 def _mcc(pred: np.ndarray, y: np.ndarray) -> float:
-    from sklearn.metrics import matthews_corrcoef
-
-    return float(matthews_corrcoef(y, pred.astype(np.int64)))
+    """MCC from the confusion counts (scored after every epoch for every candidate: sklearn's input
+    checks cost more than the head's forward pass here)."""
+    pred, y = np.asarray(pred, dtype=bool), np.asarray(y, dtype=bool)
+    return float(mcc_from_counts((pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum(), (~pred & ~y).sum()))
 
 
 def head_outputs(model: nn.Module, features: np.ndarray, *, batch_size: int = 4096) -> dict[str, np.ndarray]:

@@ -92,6 +92,11 @@ def check_head_training(out: str, found: dict[str, Ratio]) -> None:
     assert b.unit == "%" and b.goal == "small fraction (< 10%)"
     verdict_is_the_goal(b)
     quotient_of(b, big, extrapolated, decimals=1 if extrapolated < 1 else 0, scale=100)
+    stacked = re.findall(r"^  C: 6 MLP heads, (\d+) x \d+, \d+ epochs, best of 2: separate ([\d.]+) s, "
+                         r"stacked ([\d.]+) s$", out, re.M)
+    assert len(stacked) == 2, out  # at A's train size and at the grid's row cap
+    for rows, separate, one_module in stacked:
+        quotient_of(found[f"C: stacked / separate at {rows} rows"], float(one_module), float(separate), decimals=2)
 
 
 def check_predictor_latency(out: str, found: dict[str, Ratio]) -> None:

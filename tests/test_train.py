@@ -382,3 +382,62 @@ def test_the_chosen_head_is_fitted_again_on_train_and_val():
     assert (chosen["refit_images"], chosen["refit_epochs"]) == (600, 4)
     best = fit_head(x, y, xv, yv, head=mlp, config=config, selection=SelectionConfig(adamw_epoch="best"))
     assert not any("refit_images" in r for r in best.grid)
+
+
+def test_capped_rows_is_a_seeded_stratified_subsample():
+    from stage1core.selection import capped_rows
+
+    y = np.array([0] * 900 + [1] * 100)
+    rows = capped_rows(y, 200, seed=3)
+    assert len(rows) == 200 and np.all(np.diff(rows) > 0)
+    assert np.bincount(y[rows]).tolist() == [180, 20]  # the class ratio of all rows
+    assert np.array_equal(rows, capped_rows(y, 200, seed=3)) and not np.array_equal(rows, capped_rows(y, 200, seed=4))
+    assert capped_rows(y, 1000, seed=0) is None and capped_rows(y, 0, seed=0) is None
+    with pytest.raises(ValueError, match="max_rows"):
+        SelectionConfig(max_rows=10)
+
+
+def test_the_grid_trains_on_at_most_max_rows_and_the_chosen_head_on_all_of_them():
+    """At scale the grid sees a stratified subsample (its cost stops growing with the data); the chosen
+    head is then fitted on every row: all of train, or train + val with refit."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(n=900, shift=0.3, seed=8)
+    xv, yv = blobs(n=300, shift=0.3, seed=9)
+    linear = HeadConfig(kind="linear")
+    capped = SelectionConfig(linear_c=(0.05,), max_rows=300, refit=False)
+    trained = fit_head(x, y, xv, yv, head=linear, selection=capped)
+    row = trained.grid[0]
+    assert (row["refit_images"], row["refit_c"]) == (900, 0.05)
+    assert "subsample of 300 of the 900 train rows" in trained.criterion
+    assert "fitted again on all of train" in trained.criterion
+    # the final head is the logistic regression on all of train ...
+    np.testing.assert_allclose(trained.model.norm.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-4)
+    z = trained.model.norm(torch.as_tensor(x)).double().numpy()
+    reference = LogisticRegression(C=0.05, class_weight="balanced", max_iter=5000, tol=1e-8).fit(z, y)
+    zv = trained.model.norm(torch.as_tensor(xv)).double().numpy()
+    np.testing.assert_allclose(predict_positive(trained.model, xv), reference.predict_proba(zv)[:, 1], atol=2e-3)
+    # ... while the grid's val score is that of a head fitted on 300 rows
+    uncapped = fit_head(x, y, xv, yv, head=linear, selection=dataclasses.replace(capped, max_rows=0))
+    assert row["val_brier"] != pytest.approx(uncapped.grid[0]["val_brier"], abs=1e-6)
+    assert np.abs(predict_positive(trained.model, xv) - predict_positive(uncapped.model, xv)).max() < 2e-3
+    # with refit: train + val; AdamW heads of the grid train on the subsample, the chosen one on all rows
+    config = TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_epochs=1)
+    mlp = fit_head(x, y, xv, yv, head=HeadConfig(kind="mlp", hidden=16), config=config,
+                   selection=SelectionConfig(max_rows=300, lr_factors=(1.0,), weight_decay_factors=(1.0,)))
+    chosen = next(r for r in mlp.grid if r["chosen"])
+    assert (chosen["refit_images"], chosen["refit_epochs"]) == (1200, 3)
+    assert mlp.history[-1]["step"] == 3 * 5  # 300 rows in batches of 64: 5 steps per epoch in the grid
+
+
+def test_under_the_row_cap_selection_is_unchanged():
+    x, y = blobs(n=300, shift=0.4, seed=8)
+    xv, yv = blobs(n=300, shift=0.4, seed=9)
+    config = TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_epochs=1)
+    head = HeadConfig(kind="auto", hidden=16)
+    small = SelectionConfig(lr_factors=(1.0,), weight_decay_factors=(1.0,))
+    a = fit_head(x, y, xv, yv, head=head, config=config, selection=small)
+    b = fit_head(x, y, xv, yv, head=head, config=config, selection=dataclasses.replace(small, max_rows=0))
+    assert [r["val_brier"] for r in a.grid] == [r["val_brier"] for r in b.grid]
+    for (name, va), (_, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), name
