@@ -86,3 +86,23 @@ def evaluate_policy(fitted: FittedPolicy, outputs: dict[str, np.ndarray], y: np.
     plot_risk_coverage(rc_curves, out_dir / "risk_coverage.png")
     return metrics
 
+
+
+def bundle_metrics(y: np.ndarray, outputs: dict[str, np.ndarray], *, threshold: float, alpha: float,
+                   policy: str) -> dict[str, Any]:
+    """A shipped bundle's metrics on labelled images (`evaluate-bundle`): the classification metrics at
+    its FNR-guaranteed threshold, which applies to the raw head probability `p_raw`
+    (stage1core.policy); coverage at that FNR; its policy's share of decided images and the FNR among
+    them; the ECE of the calibrated `p` it reports. Undefined values (NaN) are None."""
+    from .comparison import coverage_at_fnr
+
+    y = np.asarray(y)
+    metrics: dict[str, Any] = dict(binary_metrics(y, outputs["p_raw"], threshold=threshold))
+    metrics["coverage_at_fnr"] = coverage_at_fnr(y, outputs["p_raw"], threshold, alpha)
+    accepted, positives = outputs["decision"] >= 0, y == 1
+    metrics["policy"] = policy
+    metrics["coverage"] = float(accepted.mean())
+    metrics["selective_fnr"] = (float(np.mean(outputs["decision"][accepted & positives] == 0))
+                                if (accepted & positives).any() else None)
+    metrics["ece_calibrated"] = binary_metrics(y, outputs["p"])["ece"]
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}

@@ -45,9 +45,10 @@ from stage1core.history import (
     rolled_back_from,
 )
 from stage1core.home import home_path
-from stage1core.sources import read_bytes
 from stage1core.splits import read_split_manifest
 from stage1core.text import num
+
+from .evaluation import score_samples
 
 CHAMPION = "champion"
 
@@ -131,13 +132,20 @@ def fetch_bundle(model_name: str, mv) -> Path:
     return bundle
 
 
-def score_images(bundle_dir: Path, locators: list[str]) -> dict[str, np.ndarray]:
-    """The bundle's policy on images: p_raw (what the FNR threshold applies to), p (calibrated),
-    decision (1/0, -1 = abstain)."""
-    predictor = load_bundle(bundle_dir, device="auto")
-    if not locators:
-        return {"p_raw": np.zeros(0), "p": np.zeros(0), "decision": np.zeros(0, np.int64)}
-    return predictor.apply_policy(predictor.features([read_bytes(loc) for loc in locators]))
+@task(name="resolve_bundle")
+def resolve_bundle(model: str, model_name: str) -> dict[str, str]:
+    """A bundle directory from a path or a registry reference, verified."""
+    if Path(model).expanduser().is_dir():
+        path = Path(model).expanduser().resolve()
+        manifest = read_manifest(path)
+        return {"path": str(path), "fingerprint": manifest["fingerprint"], "model_name": "", "version": ""}
+    name, number, alias = parse_model_ref(model, model_name)
+    mv = get_version(name, version=number, alias=alias)
+    if mv is None:
+        raise ValueError(f"{model!r} is neither a bundle directory nor a version in the MLflow registry ({name})")
+    path = fetch_bundle(name, mv)
+    return {"path": str(path), "fingerprint": read_manifest(path)["fingerprint"], "model_name": name,
+            "version": str(mv.version)}
 
 
 def _now() -> str:
@@ -251,8 +259,9 @@ def compare_with_champion(*, model_name: str, challenger_version: str, split_man
         by_id = {s.sample_id: s for rows in parts.values() for s in rows}
         test_ids = preds["sample_ids"]
         calib_pos = [s for s in parts["calib"] if s.label == 1]
-        champ_calib = score_images(champion_dir, [s.locator for s in calib_pos])["p_raw"]
-        champ_test = score_images(champion_dir, [by_id[i].locator for i in test_ids])
+        scored = score_samples(load_bundle(champion_dir, device="auto"), calib_pos + [by_id[i] for i in test_ids])
+        champ_calib = scored["p_raw"][:len(calib_pos)]
+        champ_test = {k: v[len(calib_pos):] for k, v in scored.items()}
         # the same FNR constraint: the champion's threshold refitted on this calib split, same (alpha, delta)
         refit = fnr_threshold(champ_calib, guarantee)
         champion_thresholds = json.loads((champion_dir / "thresholds.json").read_text())

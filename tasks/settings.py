@@ -83,11 +83,12 @@ def scale_out_config(settings: TeamSettings) -> ScaleOutConfig:
 
 @task(name="choose_sources")
 def choose_sources(configured: list[SourceConfig], landed: list[SourceConfig] | None) -> list[SourceConfig]:
-    """What a retrain reads: the configured sources, every source that landed before (remembered by the
-    runs that trained on it, so the nightly run keeps them), and what landed now; each path once."""
+    """What a retrain (or an evaluation on the team's data) reads: the configured sources, every source
+    that landed before (remembered by the runs that trained on it, so the nightly run keeps them), and
+    what landed now; each path once."""
     before = landed_sources()
     sources = combine_sources(configured, before, landed or [])
-    get_run_logger().info("training on %d source(s): %s", len(sources),
+    get_run_logger().info("reading %d source(s): %s", len(sources),
                           ", ".join(f"{s.name} ({s.path}, {s.role})" for s in sources))
     return sources
 

@@ -127,3 +127,22 @@ def test_gate_policy_abstains_on_hard_samples_and_scores_the_gate(tmp_path):
     assert m["selective/gate/aurc"] < 0.5 * (1 - m["accuracy_at_0.5"])
     for name in PLOTS:
         decoded(tmp_path / name)
+
+
+def test_bundle_metrics_judge_p_raw_at_the_threshold_and_count_abstentions():
+    from stage1core.evaluation import bundle_metrics
+
+    y = np.array([1, 1, 1, 0, 0, 0])
+    outputs = {"p_raw": np.array([0.9, 0.4, 0.7, 0.2, 0.6, 0.1]),
+               "p": np.array([0.95, 0.55, 0.8, 0.1, 0.45, 0.05]),  # calibrated: no error at 0.5
+               "decision": np.array([1, -1, 0, 0, -1, 0])}  # two abstentions, one missed roadwork decided
+    m = bundle_metrics(y, outputs, threshold=0.5, alpha=0.1, policy="scrc")
+    assert (m["n"], m["n_pos"], m["threshold"], m["policy"]) == (6, 3, 0.5, "scrc")
+    assert m["fnr"] == pytest.approx(1 / 3) and m["fpr"] == pytest.approx(1 / 3)  # p_raw, not p
+    assert m["coverage"] == pytest.approx(4 / 6)
+    assert m["selective_fnr"] == pytest.approx(1 / 2)  # of the 2 decided roadwork images, 1 said no
+    # undefined values are None (JSON-able), not NaN
+    only_negatives = bundle_metrics(np.zeros(3, int), {k: v[3:] for k, v in outputs.items()}, threshold=0.5,
+                                    alpha=0.1, policy="threshold")
+    assert only_negatives["auroc"] is None and only_negatives["fnr"] is None
+    assert only_negatives["selective_fnr"] is None
