@@ -302,7 +302,7 @@ def write_split_manifest(
     rows = sorted(
         (
             {"sample_id": s.sample_id, "label": s.label, "split": name, "source": s.source,
-             "role": s.role, "locator": s.locator, "group": s.group,
+             "role": s.role, "locator": s.locator, "group": s.group, "row": s.row,
              "split_group": group_of.get(s.sample_id, s.sample_id)}
             for name in SPLITS
             for s in splits.get(name, ())
@@ -358,8 +358,12 @@ def read_split_manifest(path: str | Path) -> tuple[SplitConfig, dict[str, list[S
             raise DataError(f"{where}: label {label!r} is not 0 or 1")
         if not all(isinstance(row.get(k, ""), str) for k in ("sample_id", "source", "locator", "group")):
             raise DataError(f"{where}: sample_id, source, locator and group must be strings")
+        line = row.get("row")  # optional (older manifests)
+        if line is not None and (isinstance(line, bool) or not isinstance(line, int) or line < 0):
+            raise DataError(f"{where}: row {line!r} is not a row number")
         splits[row["split"]].append(
-            Sample(row["sample_id"], int(label), row["source"], row["role"], row["locator"], row.get("group", ""))
+            Sample(row["sample_id"], int(label), row["source"], row["role"], row["locator"], row.get("group", ""),
+                   line)
         )
     for samples in splits.values():
         samples.sort(key=lambda s: s.sample_id)

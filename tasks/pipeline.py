@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,29 +107,6 @@ def check_splits_usable(counts: dict[str, dict[str, int]], *, where: str) -> Non
                                 f"change the split ratios or salt")
 
 
-def _quarantine_row(locator: str, source: str, sources: list[dict[str, Any]]) -> int | None:
-    """The row of a label file or parquet shard that names `locator` (None for class folders)."""
-    from stage1core.sources import PARQUET_ROW_MARK, parse_csv_labels, parse_json_labels
-
-    path, mark, row = locator.rpartition(PARQUET_ROW_MARK)
-    if mark and row.isdigit():
-        return int(row)
-    for config in sources:
-        cfg = SourceConfig(**config)
-        label_file = Path(cfg.path).expanduser().absolute()
-        if cfg.name != source or label_file.suffix.lower() not in (".csv", ".json") or not label_file.is_file():
-            continue
-        parse = parse_csv_labels if label_file.suffix.lower() == ".csv" else parse_json_labels
-        try:
-            rows = parse(label_file.read_text(encoding="utf-8-sig"), origin=str(label_file))
-        except (OSError, ValueError):
-            return None
-        for r in rows:
-            if os.path.abspath(label_file.parent / r.path) == locator:
-                return r.row
-    return None
-
-
 class QuarantineError(DataError):
     """The run stops over images it cannot use; `report` is the quarantine report that lists them."""
 
@@ -195,7 +171,7 @@ def build_splits(sources: list[SourceConfig], splits: SplitConfig, *,
     except LabelConflictError as exc:
         entries = [{**q, "stage": "scan"} for q in exc.quarantined] + [
             {"locator": c["locator"], "source": c["source"],
-             "row": _quarantine_row(c["locator"], c["source"], source_dicts),
+             "row": c["row"],
              "reason": f"label {c['label']} here, label {c['other_label']} at {c['other_locator']}",
              "sample_id": c["sample_id"], "stage": "conflict", "other_locator": c["other_locator"]}
             for c in exc.conflicts]
@@ -298,15 +274,14 @@ def check_quarantine(split: SplitRef, feats: FeatureSetInfo) -> dict[str, Any]:
     rows exceeds `split.max_quarantined_fraction` or a split loses a class. Not cached: every run
     reports its own quarantine, also when the features came from the cache."""
     logger = run_logger(__name__)
-    _, parts, manifest = read_split_manifest(split.path)
+    _, parts, _ = read_split_manifest(split.path)
     report = Path(split.quarantine_report) if split.quarantine_report else quarantine_report_path()
     entries = [e for e in read_quarantine_entries(report) if e.get("stage") == "scan"]
     total = split.n_samples + split.duplicates + split.quarantined
     if feats.failed:
         by_id = {s.sample_id: s for rows in parts.values() for s in rows}
-        sources = manifest.get("extra", {}).get("sources", [])
         entries += [{"locator": f["locator"], "source": by_id[f["sample_id"]].source,
-                     "row": _quarantine_row(f["locator"], by_id[f["sample_id"]].source, sources),
+                     "row": by_id[f["sample_id"]].row,  # the label-file row the scan recorded
                      "reason": f["reason"], "sample_id": f["sample_id"], "stage": "decode"} for f in feats.failed]
     summary = {"path": str(report) if entries else "", "scan": split.quarantined, "decode": len(feats.failed),
                "quarantined": split.quarantined + len(feats.failed), "rows": total}

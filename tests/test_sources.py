@@ -561,3 +561,33 @@ def test_groups_are_namespaced_by_source_and_follow_duplicates(tmp_path):
     by_id = {s.sample_id: s for s in scan.samples}
     assert by_id[sha(png(2))].group == "a:d1"
     assert scan.links == [(sha(png(2)), sha(png(4)))]
+
+
+def test_samples_carry_their_label_file_row_through_the_split_manifest(tmp_path):
+    """The row a quarantine report names comes from the scan (CSV line, JSON index, parquet row), carried
+    by the Sample and the split manifest: nothing parses a label file again to find it."""
+    from stage1core.splits import SplitConfig, read_split_manifest, write_split_manifest
+
+    images = make_images(tmp_path / "imgs", 3)
+    csv_file = write(tmp_path / "labels.csv", b"image_path,label\n"
+                     + "\n\n".join(f"imgs/{p.name},{i % 2}" for i, p in enumerate(images)).encode())
+    by_locator = {s.locator: s.row for s in scan_source(SourceConfig(str(csv_file)))}
+    assert by_locator == {str(images[0]): 2, str(images[1]): 4, str(images[2]): 6}  # blank lines counted
+    json_file = write(tmp_path / "labels.json", json.dumps(
+        [{"image_path": f"imgs/{p.name}", "label": 1} for p in images[::-1]]).encode())
+    assert {s.locator: s.row for s in scan_source(SourceConfig(str(json_file)))} == {
+        str(images[2]): 0, str(images[1]): 1, str(images[0]): 2}
+    shard = tmp_path / "hf" / "train-00000.parquet"
+    shard.parent.mkdir()
+    pq.write_table(hf_table([png(i) for i in range(10, 13)], [1, 0, 1]), shard)
+    assert [s.row for s in scan_source(SourceConfig(str(shard)))] == [0, 1, 2]
+    folders = tmp_path / "folders"
+    write(folders / "roadwork" / "a.jpg", png(20))
+    write(folders / "no_roadwork" / "b.jpg", png(21))
+    assert [s.row for s in scan_source(SourceConfig(str(folders)))] == [None, None]
+
+    samples = scan_source(SourceConfig(str(csv_file)))
+    manifest = tmp_path / "split.json"
+    write_split_manifest(manifest, {"train": samples}, SplitConfig(), data_fingerprint="d")
+    _, parts, _ = read_split_manifest(manifest)
+    assert sorted(parts["train"], key=lambda s: s.locator) == sorted(samples, key=lambda s: s.locator)

@@ -156,7 +156,7 @@ def test_manifest_round_trip(tmp_path):
     assert data["fingerprint"] == fp
     assert [r["sample_id"] for r in data["samples"]] == sorted(s.sample_id for s in samples)
     assert set(data["samples"][0]) == {"sample_id", "label", "split", "source", "role", "locator", "group",
-                                       "split_group"}
+                                       "row", "split_group"}
     assert data["samples"][0]["split_group"] == data["samples"][0]["sample_id"]  # no groups given
     assert not list(path.parent.glob("*.tmp"))  # written atomically
 

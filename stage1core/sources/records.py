@@ -79,6 +79,7 @@ class Sample:
     role: str  # all | train_only
     locator: str  # absolute file path, or "<abs parquet path>#row=<i>"
     group: str = ""  # "<source name>:<group id>" from the source's group column; "" when it has none
+    row: int | None = None  # its row in the CSV/JSON label file or parquet shard; None in class folders
 
 
 @dataclass

@@ -80,7 +80,7 @@ def _scan_files(
             reason = _reason(digest)
             quarantined.append({"locator": path, "source": config.name, "row": row, "reason": reason})
         else:
-            samples.append(Sample(digest, label, config.name, config.role, path, group_key(config.name, group)))
+            samples.append(Sample(digest, label, config.name, config.role, path, group_key(config.name, group), row))
     return samples, quarantined
 
 
@@ -181,7 +181,8 @@ def _scan_parquet(config: SourceConfig, path: Path) -> tuple[list[Sample], list[
                         quarantined.append({"locator": locator, "source": config.name, "row": row,
                                             "reason": "no image bytes in this row"})
                     else:
-                        samples.append(Sample(sha256_bytes(data), value, config.name, config.role, locator, group))
+                        samples.append(Sample(sha256_bytes(data), value, config.name, config.role, locator, group,
+                                              row))
                     row += 1
         except DataError:
             raise
@@ -297,7 +298,7 @@ def load_sources(configs: Sequence[SourceConfig]) -> SourceScan:
             duplicates += 1
             if kept.label != sample.label:
                 conflicts.append({"sample_id": sample.sample_id, "locator": sample.locator, "source": sample.source,
-                                  "label": sample.label, "other_locator": kept.locator,
+                                  "row": sample.row, "label": sample.label, "other_locator": kept.locator,
                                   "other_source": kept.source, "other_label": kept.label})
                 continue
             winner, loser = (sample, kept) if kept.role != "all" and sample.role == "all" else (kept, sample)
