@@ -74,11 +74,6 @@ def undescribed_fields(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("description")]
 
 
-def field_description(cls: type, name: str) -> str:
-    """The description of one field ('' if none)."""
-    return next((str(f.metadata.get("description", "")) for f in dataclasses.fields(cls) if f.name == name), "")
-
-
 def as_dict(obj: Any) -> Any:
     """dataclasses.asdict, also for tuples of dataclasses and plain values (settings, JSON)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -365,11 +365,6 @@ def grid_point_label(row: dict[str, Any]) -> str:
     return f"{row['kind']} {knobs} view={row['view']}{again}"
 
 
-def head_grid_rows(head: HeadRef) -> list[dict[str, Any]]:
-    """The head grid saved beside the chosen head's weights."""
-    return json.loads((Path(head.path) / "head.json").read_text()).get("grid", [])
-
-
 BASELINE_CACHE = OutputCache(
     "score_baselines",
     lambda p: (p["split"].fingerprint, p["feats"].fingerprint, p["config"], p["evaluation"].fingerprint),

@@ -378,7 +378,3 @@ def close_run(run_id: str, error: BaseException) -> None:
 def end_mlflow_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
     record_run_end(run_id)
-
-
-def tracking_summary() -> dict[str, str]:
-    return {"tracking_uri": mlflow_tracking_uri(), "artifacts": str(home_path("mlflow") / "artifacts")}
