@@ -276,7 +276,6 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
     by_view: dict[FeatureView, list[int]] = {}
     for i in indices:
         by_view.setdefault(candidates[i].view, []).append(i)
-    folds = int(max(2, min(cv_folds, np.bincount(yt, minlength=2).min())))
     for view, members in by_view.items():
         members = sorted(members, key=lambda j: candidates[j].c)
         cs = [candidates[j].c for j in members]
@@ -287,6 +286,7 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
         cv = np.zeros(len(cs))
         sub = capped_rows(yt, cv_rows, seed)
         zc, yc = (z, yt) if sub is None else (z[sub], yt[sub])
+        folds = int(max(2, min(cv_folds, np.bincount(yc, minlength=2).min())))  # of the rows it splits
         for fit_rows, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(zc, yc):
             for k, solver in enumerate(_logistic_path(zc[fit_rows], yc[fit_rows], cs, class_weighting)):
                 cv[k] += balanced_brier(solver.predict_proba(zc[held])[:, 1], yc[held]) / folds

@@ -441,3 +441,20 @@ def test_under_the_row_cap_selection_is_unchanged():
     assert [r["val_brier"] for r in a.grid] == [r["val_brier"] for r in b.grid]
     for (name, va), (_, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(va, vb), name
+
+
+def test_a_rare_class_in_the_capped_refit_still_cross_validates():
+    """The refit's C cross-validation runs on at most max_rows rows: its folds follow the rarer class
+    there (3 of 100 rows here), not in all rows (27 of 900)."""
+    import warnings
+
+    x, y = blobs(n=900, shift=0.5, seed=8, pos_fraction=0.03)
+    xv, yv = blobs(n=300, shift=0.5, seed=9, pos_fraction=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"),
+                           selection=SelectionConfig(linear_c=(0.01, 0.1), max_rows=100, refit=False))
+    # scikit-learn warns when a fold would get no image of the rare class
+    assert not [w for w in caught if "least populated class" in str(w.message)], [str(w.message) for w in caught]
+    chosen = next(r for r in trained.grid if r["chosen"])
+    assert chosen["refit_images"] == 900 and chosen["refit_c"] in (0.01, 0.1)
