@@ -77,10 +77,12 @@ def describe_machine() -> dict:
     return info
 
 
-def fresh_home() -> str:
-    """A new temporary $STAGE1_HOME with no outside Prefect or MLflow settings, configured before prefect
-    is imported (the ephemeral Prefect server then lives under it); its path."""
-    home = tempfile.mkdtemp(prefix="bench-stage1-home-")
+def fresh_home(home: str | Path | None = None) -> str:
+    """$STAGE1_HOME for a benchmark, with no outside Prefect or MLflow settings, configured before prefect
+    is imported (the ephemeral Prefect server then lives under it); its path. A new temporary one unless
+    `home` is given (created if missing; an earlier run's keeps its feature store and caches)."""
+    home = str(home) if home else tempfile.mkdtemp(prefix="bench-stage1-home-")
+    Path(home).mkdir(parents=True, exist_ok=True)
     os.environ["STAGE1_HOME"] = home
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
         os.environ.pop(key, None)

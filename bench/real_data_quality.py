@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 from pathlib import Path
 
 import _common as c
@@ -74,14 +73,8 @@ def main() -> None:
     per_class = 100 if args.quick else args.per_class
     data = (c.demo_data(200 if args.quick else 1200) if args.demo else
             fashion_folder(per_class, 32 if args.quick else 224))
-    home = Path(args.home) if args.home else Path(tempfile.mkdtemp(prefix="bench-quality-home-"))
-    home.mkdir(parents=True, exist_ok=True)  # a --home that does not exist yet is this run's
+    home = c.fresh_home(args.home)
     print(f"  home: {home}")
-    os.environ["STAGE1_HOME"] = str(home)
-    from stage1core.home import configure_environment
-
-    configure_environment()
-    os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
     from flows.train_pipeline import RegistryConfig, train_pipeline
     from stage1core.guarantees import GuaranteeConfig
     from stage1core.sources import SourceConfig

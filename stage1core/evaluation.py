@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .comparison import coverage_at_fnr
 from .metrics import (
     augrc,
     aurc,
@@ -87,15 +88,12 @@ def evaluate_policy(fitted: FittedPolicy, outputs: dict[str, np.ndarray], y: np.
     return metrics
 
 
-
 def bundle_metrics(y: np.ndarray, outputs: dict[str, np.ndarray], *, threshold: float, alpha: float,
                    policy: str) -> dict[str, Any]:
     """A shipped bundle's metrics on labelled images (`evaluate-bundle`): the classification metrics at
     its FNR-guaranteed threshold, which applies to the raw head probability `p_raw`
     (stage1core.policy); coverage at that FNR; its policy's share of decided images and the FNR among
     them; the ECE of the calibrated `p` it reports. Undefined values (NaN) are None."""
-    from .comparison import coverage_at_fnr
-
     y = np.asarray(y)
     metrics: dict[str, Any] = dict(binary_metrics(y, outputs["p_raw"], threshold=threshold))
     metrics["coverage_at_fnr"] = coverage_at_fnr(y, outputs["p_raw"], threshold, alpha)

@@ -14,6 +14,7 @@ inside them, so their cache keys and results stay those of the one-process path.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -155,6 +156,7 @@ def worker_spawn_settings() -> Iterator[None]:
         yield
 
 
+@functools.cache  # once per worker process
 def malloc_thresholds_for_torch() -> None:
     """Undo, in a worker process, what Dask's MALLOC_TRIM_THRESHOLD_ does to glibc (see
     `worker_spawn_settings`): on an existing cluster whose workers were started with it, set glibc's mmap
@@ -164,15 +166,14 @@ def malloc_thresholds_for_torch() -> None:
     import ctypes
     import os
 
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or getattr(malloc_thresholds_for_torch, "done", False):
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc
-        return
-    malloc_thresholds_for_torch.done = True
+        pass
 
 
 def dask_task_runner(config: ScaleOutConfig):

@@ -441,6 +441,21 @@ def test_under_the_row_cap_selection_is_unchanged():
     assert [r["val_brier"] for r in a.grid] == [r["val_brier"] for r in b.grid]
     for (name, va), (_, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
         assert torch.equal(va, vb), name
+    # the refit stops its warm-started C path at the chosen C: the same weights as the whole path's
+    # cross-validated C (what the refit fitted before the cap), solved on train + val
+    from stage1core.train import _fit_exact_linear
+
+    linear, path = HeadConfig(kind="linear"), SelectionConfig(linear_c=(0.001, 0.01, 0.1, 1.0))
+    refitted = fit_head(x, y, xv, yv, head=linear, selection=path)
+    candidates = head_grid(linear, TrainConfig(), path, [FeatureView("all", 0, x.shape[1])])
+    whole = _fit_exact_linear(torch.as_tensor(np.concatenate([x, xv])), np.concatenate([y, yv]),
+                              torch.as_tensor(xv), yv, candidates, range(len(candidates)), class_weighting=True,
+                              cv_folds=path.cv_folds, seed=0)
+    (kept,) = [r for r in whole.values() if r["eligible"]]
+    assert next(r for r in refitted.grid if r["chosen"])["refit_c"] == candidates[
+        next(i for i, r in whole.items() if r["eligible"])].c
+    for name, value in refitted.model.state_dict().items():
+        assert torch.equal(value, kept["state"][name]), name
 
 
 def test_a_rare_class_in_the_capped_refit_still_cross_validates():
