@@ -11,7 +11,13 @@ B. scale: the default grid on M x 768 synthetic fp16 features (two shifted Gauss
 C. why the AdamW candidates are not stacked: 6 MLP heads (the default grid's lr x weight decay) trained
    side by side as separate modules (what `fit_head` does) against the same 6 with their weights stacked
    in one module (one GEMM for the first layers, a batched matmul for the second), interleaved, at the
-   train size of A and at the grid's row cap (`selection.max_rows`).
+   train size of A and at the grid's row cap (`selection.max_rows`); and the separate modules with
+   torch's per-tensor AdamW (the CPU default, what `fit_head` used before its fused AdamW).
+D. the linear heads' C cross-validation on A's standardised train features (5 folds x 7 C): the
+   product's batched solver (`stage1core.logistic`, to its tolerance) against scikit-learn's
+   LogisticRegression solved one problem at a time along a warm-started C path (what `fit_head` did
+   before, at scikit-learn's default tolerance), interleaved, best of 3; with each one's largest
+   distance in probability from the optimum (the batched solver at a 1e-10 tolerance).
 Goal: head selection stays a small fraction of extraction.
 """
 
@@ -92,6 +98,66 @@ def main() -> None:
         c.figure(f"C: 6 MLP heads, {rows} x {width}, {epochs} epochs, best of 2",
                  ", ".join(f"{name} {min(v):.2f} s" for name, v in times.items()))
         c.ratio_line(f"C: stacked / separate at {rows} rows", min(times["stacked"]) / min(times["separate"]))
+        c.ratio_line(f"C: separate, per-tensor AdamW / fused at {rows} rows",
+                     min(times["per-tensor"]) / min(times["separate"]))
+
+    # D. the linear heads' cross-validation: batched solver vs one scikit-learn solve at a time
+    import torch
+
+    from stage1core.heads import HeadConfig, build_head
+
+    linear = build_head(HeadConfig(kind="linear"), int(xt.shape[1]), kind="linear")
+    linear.norm.set_stats(torch.as_tensor(xt))
+    with torch.no_grad():
+        z = linear.norm(torch.as_tensor(xt)).double().numpy()
+    ways, gaps = linear_cv_ways(z, np.asarray(yt), SelectionConfig())
+    times = c.interleave(ways, repeats=3)
+    c.figure(f"D: C cross-validation, {len(yt)} x {z.shape[1]}, 5 folds x 7 C, best of 3",
+             ", ".join(f"{name} {min(v):.2f} s (max |p - optimum| {gaps[name]():.1e})" for name, v in times.items()))
+    c.ratio_line("D: scikit-learn one at a time / batched", min(times["scikit-learn"]) / min(times["batched"]))
+
+
+def linear_cv_ways(z, y, selection):
+    """The C cross-validation's fits two ways, and for each a function giving its largest distance in
+    p(class 1) on all rows from the optimum."""
+    import copy
+    import warnings
+
+    import numpy as np
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from stage1core.logistic import balanced_weights, fit_logistic_batch
+    from stage1core.train import LINEAR_TOL
+
+    folds = list(StratifiedKFold(selection.cv_folds, shuffle=True, random_state=0).split(z, y))
+    weights = np.stack([balanced_weights(y, rows) for rows, _ in folds for _ in selection.linear_c])
+    cs = np.array([cv for _ in folds for cv in selection.linear_c])
+    found = {}
+
+    def batched():
+        fits = fit_logistic_batch(z, y, weights, cs, tol=LINEAR_TOL)
+        found["batched"] = [fits.probability(k, z) for k in range(len(cs))]
+
+    def one_at_a_time():
+        out = []
+        for rows, _ in folds:
+            solver = LogisticRegression(class_weight="balanced", max_iter=2000, warm_start=True)
+            for cv in selection.linear_c:
+                solver.set_params(C=cv)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    solver.fit(z[rows], y[rows])
+                out.append(copy.deepcopy(solver).predict_proba(z)[:, 1])
+        found["scikit-learn"] = out
+
+    def gap(name):
+        optimum = fit_logistic_batch(z, y, weights, cs, tol=1e-10, max_iter=20000)
+        return max(float(np.abs(p - optimum.probability(k, z)).max()) for k, p in enumerate(found[name]))
+
+    return {"batched": batched, "scikit-learn": one_at_a_time}, {"batched": lambda: gap("batched"),
+                                                                 "scikit-learn": lambda: gap("scikit-learn")}
 
 
 def stacked_vs_separate(rows: int, width: int, *, epochs: int, k: int = 6, hidden: int = 768, batch: int = 128):
@@ -105,9 +171,9 @@ def stacked_vs_separate(rows: int, width: int, *, epochs: int, k: int = 6, hidde
     torch.manual_seed(0)
     x, y = torch.randn(rows, width), torch.randint(0, 2, (rows,))
 
-    def separate():
+    def separate(fused=True):
         heads = [MLPHead(width, hidden) for _ in range(k)]
-        optimizer = torch.optim.AdamW([{"params": list(h.parameters())} for h in heads])
+        optimizer = torch.optim.AdamW([{"params": list(h.parameters())} for h in heads], fused=fused or None)
         for _ in range(epochs):
             for i in range(0, rows, batch):
                 xb, yb = x[i:i + batch], y[i:i + batch]
@@ -120,7 +186,7 @@ def stacked_vs_separate(rows: int, width: int, *, epochs: int, k: int = 6, hidde
         b1 = torch.nn.Parameter(torch.zeros(k * hidden))
         w2 = torch.nn.Parameter(torch.randn(k, 2, hidden) * 0.02)
         b2 = torch.nn.Parameter(torch.zeros(k, 2))
-        optimizer = torch.optim.AdamW([w1, b1, w2, b2])
+        optimizer = torch.optim.AdamW([w1, b1, w2, b2], fused=True)
         for _ in range(epochs):
             for i in range(0, rows, batch):
                 xb, yb = x[i:i + batch], y[i:i + batch]
@@ -130,7 +196,7 @@ def stacked_vs_separate(rows: int, width: int, *, epochs: int, k: int = 6, hidde
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-    return {"separate": separate, "stacked": stacked}
+    return {"separate": separate, "stacked": stacked, "per-tensor": lambda: separate(fused=False)}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ class SelectionConfig:
     # one val score per candidate, as the exactly solved linear heads have) or "best" (its best eligible
     # epoch; the minimum over ~40 noisy val scores flatters AdamW heads against the linear ones)
     adamw_epoch: Literal["last", "best"] = "last"
+    # successive halving of the AdamW candidates (with adamw_epoch="last"): after this fraction of the
+    # epochs they are ranked on val (the same criterion, EMA weights) and only the best `adamw_keep`
+    # train on to the end of the schedule; the others leave the comparison there. 0: all train to the end
+    adamw_prune_at: float = 0.25
+    # ... and how many AdamW candidates train on to the end after that
+    adamw_keep: int = 2
     # after the choice, fit the chosen head again on train + val (val only chose; the head then learns
     # from every image outside calib and test): a linear head with C chosen again by the same
     # cross-validation on train + val (on at most max_rows of them), an AdamW head with its lr, weight
@@ -63,6 +69,10 @@ class SelectionConfig:
                 raise ValueError(f"SelectionConfig.{name} must be a non-empty list of numbers >= 0, got {values!r}")
         if any(v == 0 for v in self.lr_factors + self.linear_c):
             raise ValueError("SelectionConfig.lr_factors and linear_c must be > 0")
+        if not 0.0 <= self.adamw_prune_at < 1.0 or isinstance(self.adamw_keep, bool) or not isinstance(
+                self.adamw_keep, int) or self.adamw_keep < 1:
+            raise ValueError(f"SelectionConfig.adamw_prune_at must be in [0, 1) and adamw_keep an integer >= 1, got "
+                             f"{self.adamw_prune_at!r}, {self.adamw_keep!r}")
         if self.cv_folds < 2:
             raise ValueError(f"SelectionConfig.cv_folds must be >= 2, got {self.cv_folds}")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 0 or (
@@ -90,13 +100,17 @@ class Candidate:
         return f"{self.kind} {knobs} view={self.view.name}"
 
 
-def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_rows: tuple[int, int] | None = None
-                        ) -> str:
+def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_rows: tuple[int, int] | None = None,
+                        pruned_at: int | None = None) -> str:
     """The rule that chose the head, in words (head.json, the model card, the run summary). `grid_rows`:
-    (rows the grid trained on, train rows) when the grid saw a subsample."""
+    (rows the grid trained on, train rows) when the grid saw a subsample; `pruned_at`: the epoch after
+    which the AdamW candidates were pruned, if they were; `n_eligible`: the candidates the one-SE rule
+    counts (pruned ones included)."""
     if not selection.enabled:
         return "one head; class-balanced Brier score on the val split, its best epoch after the LR warmup"
     adamw = "their last epoch" if selection.adamw_epoch == "last" else "their best epoch after the LR warmup"
+    if pruned_at is not None:
+        adamw += f"; only the best {selection.adamw_keep} on val after epoch {pruned_at + 1} trained on"
     refit = ""
     if selection.refit:
         refit = ("; the chosen head is then fitted again on train + val (linear: C chosen again by CV"
@@ -114,14 +128,34 @@ def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_row
 
 def capped_rows(y: np.ndarray, cap: int, seed: int) -> np.ndarray | None:
     """Sorted indices of a class-stratified random subsample of at most `cap` rows (seeded), or None
-    when all rows fit (or `cap` is 0)."""
+    when all rows fit (or `cap` is 0). Each class keeps its share of `cap` (largest remainders)."""
     y = np.asarray(y)
     if cap <= 0 or len(y) <= cap:
         return None
-    from sklearn.model_selection import StratifiedShuffleSplit
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    share = counts * cap / len(y)
+    take = np.floor(share).astype(np.int64)
+    for c in np.argsort(-(share - take), kind="stable")[: cap - int(take.sum())]:
+        take[c] += 1
+    rows = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(rows))
 
-    rows, _ = next(StratifiedShuffleSplit(n_splits=1, train_size=cap, random_state=seed).split(np.zeros(len(y)), y))
-    return np.sort(rows)
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, held-out rows) of `folds`-fold cross-validation: each class's rows shuffled (seeded)
+    and dealt round the folds, so every fold holds each class's share to within one row. (The head
+    grid's folds; scikit-learn's StratifiedKFold would cost a 1.2 s import on a path that needs
+    nothing else from it.)"""
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(y), dtype=np.int64)
+    offset = 0
+    for c in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        fold_of[rows] = (offset + np.arange(len(rows))) % folds
+        offset += len(rows)  # the next class starts where this one stopped: fold sizes stay even
+    return [(np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds)]
 
 
 def balanced_brier(p: np.ndarray, y: np.ndarray) -> float:
@@ -153,7 +187,7 @@ def complexity(candidate: Candidate) -> tuple[float, ...]:
 
 
 def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray], val_y: np.ndarray, *,
-                     eligible: Sequence[bool] | None = None) -> tuple[int, list[float]]:
+                     eligible: Sequence[bool] | None = None, competed: int | None = None) -> tuple[int, list[float]]:
     """The one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10) on val Brier terms.
 
     The candidate with the lowest balanced Brier score is the reference; every candidate whose mean
@@ -162,7 +196,10 @@ def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray
     simplest qualifying one (`complexity`, then grid order) wins. On a small val split the
     differences between heads are mostly noise, and this rule then keeps the more regularised head
     instead of the one that was luckiest on these images. Only `eligible` candidates take part (the
-    linear heads whose C cross-validation did not pick are not). Returns (index, SE of each difference).
+    linear heads whose C cross-validation did not pick are not). `competed`: how many candidates the
+    allowance counts, when more competed than are eligible (AdamW heads pruned on the same val split
+    before the end of their schedule: the winner was still picked among them). Returns (index, SE of
+    each difference).
     """
     terms = [_brier_terms(p, val_y) for p in val_p]
     means = [float(t.mean()) for t in terms]
@@ -172,7 +209,7 @@ def select_candidate(candidates: Sequence[Candidate], val_p: Sequence[np.ndarray
     for t in terms:
         d = t - terms[best]
         ses.append(float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0)
-    z = standard_errors_allowed(len(allowed))
+    z = standard_errors_allowed(max(len(allowed), competed or 0))
     ok = [i for i in allowed if means[i] - means[best] <= z * ses[i] + 1e-12]
     return min(ok, key=lambda i: (complexity(candidates[i]), means[i], i)), ses
 

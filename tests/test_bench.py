@@ -93,10 +93,17 @@ def check_head_training(out: str, found: dict[str, Ratio]) -> None:
     verdict_is_the_goal(b)
     quotient_of(b, big, extrapolated, decimals=1 if extrapolated < 1 else 0, scale=100)
     stacked = re.findall(r"^  C: 6 MLP heads, (\d+) x \d+, \d+ epochs, best of 2: separate ([\d.]+) s, "
-                         r"stacked ([\d.]+) s$", out, re.M)
+                         r"stacked ([\d.]+) s, per-tensor ([\d.]+) s$", out, re.M)
     assert len(stacked) == 2, out  # at A's train size and at the grid's row cap
-    for rows, separate, one_module in stacked:
+    for rows, separate, one_module, per_tensor in stacked:
         quotient_of(found[f"C: stacked / separate at {rows} rows"], float(one_module), float(separate), decimals=2)
+        quotient_of(found[f"C: separate, per-tensor AdamW / fused at {rows} rows"], float(per_tensor),
+                    float(separate), decimals=2)
+    (cv,) = re.findall(r"^  D: C cross-validation, \d+ x \d+, 5 folds x 7 C, best of 3: batched ([\d.]+) s "
+                       r"\(max \|p - optimum\| ([\d.e+-]+)\), scikit-learn ([\d.]+) s \(max \|p - optimum\| "
+                       r"([\d.e+-]+)\)$", out, re.M)
+    assert float(cv[1]) < 5e-3  # the batched solver's fits are the optimum to its tolerance
+    quotient_of(found["D: scikit-learn one at a time / batched"], float(cv[2]), float(cv[0]), decimals=2)
 
 
 def check_predictor_latency(out: str, found: dict[str, Ratio]) -> None:
