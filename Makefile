@@ -30,7 +30,7 @@ test: $(BIN)/.installed
 
 # development aid: every module's tests except those marked slow (flows, servers, benchmarks, child
 # training runs, simulations, statistical training checks), spread test by test over three workers
-# (their module fixtures are cheap); 57 s on two cores. `make test` stays the full suite.
+# (their module fixtures are cheap); 74 s on two cores. `make test` stays the full suite.
 test-fast: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 3 --dist load -m "not slow"
