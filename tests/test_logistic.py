@@ -71,7 +71,8 @@ def test_bad_problems_are_refused():
 
 def test_a_weakly_regularised_linear_head_is_the_optimum_not_a_loose_approximation():
     """At C = 1 with more dimensions than rows, scikit-learn's default tolerance (1e-4, what the linear
-    heads were solved to before) stops far from the optimum; the head is now within 1e-3 of it."""
+    heads were solved to before) stops far from the optimum (0.029 away here); the head is now within
+    3e-3 of it (3.5e-4 on the machine this was written on: the margin covers other BLAS paths)."""
     z, y = wide(n=300, d=500, seed=2)
     x = (z * 3 + 5).astype(np.float32)
     xv, yv = wide(n=200, d=500, seed=3)
@@ -81,4 +82,4 @@ def test_a_weakly_regularised_linear_head_is_the_optimum_not_a_loose_approximati
     exact = LogisticRegression(C=1.0, class_weight="balanced", tol=1e-10, max_iter=20000).fit(zs, y)
     zt = trained.model.norm(torch.as_tensor((xv * 3 + 5).astype(np.float32))).double().numpy()
     np.testing.assert_allclose(predict_positive(trained.model, (xv * 3 + 5).astype(np.float32)),
-                               exact.predict_proba(zt)[:, 1], atol=1e-3)
+                               exact.predict_proba(zt)[:, 1], atol=3e-3)
