@@ -126,9 +126,15 @@ def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_row
             f"fewer feature dimensions first){refit}")
 
 
+# a capped subsample keeps at least this many rows of each class (all of them when it has fewer)
+MIN_PER_CLASS = 10
+
+
 def capped_rows(y: np.ndarray, cap: int, seed: int) -> np.ndarray | None:
     """Sorted indices of a class-stratified random subsample of at most `cap` rows (seeded), or None
-    when all rows fit (or `cap` is 0). Each class keeps its share of `cap` (largest remainders)."""
+    when all rows fit (or `cap` is 0). Each class keeps its share of `cap` (largest remainders), but
+    never fewer than min(its rows, `MIN_PER_CLASS`) rows, taken from the largest class: a rare class
+    must not vanish from the rows the grid trains and cross-validates on."""
     y = np.asarray(y)
     if cap <= 0 or len(y) <= cap:
         return None
@@ -138,6 +144,10 @@ def capped_rows(y: np.ndarray, cap: int, seed: int) -> np.ndarray | None:
     take = np.floor(share).astype(np.int64)
     for c in np.argsort(-(share - take), kind="stable")[: cap - int(take.sum())]:
         take[c] += 1
+    floor = np.minimum(counts, MIN_PER_CLASS)
+    short = np.maximum(floor - take, 0)
+    take += short
+    take[np.argmax(take)] -= int(short.sum())
     rows = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(rows))
 

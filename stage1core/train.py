@@ -307,7 +307,11 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
             z = model.norm(xt).double().numpy()
         sub = capped_rows(yt, cv_rows, seed)
         zc, yc = (z, yt) if sub is None else (z[sub], yt[sub])
-        folds = int(max(2, min(cv_folds, np.bincount(yc, minlength=2).min())))  # of the rows it splits
+        rarest = int(np.bincount(yc, minlength=2).min())
+        if rarest < 2:
+            raise ValueError(f"head selection: the linear heads' C cross-validation needs at least 2 images of "
+                             f"each class in the rows it splits, has {rarest} of one class ({len(yc)} rows)")
+        folds = int(min(cv_folds, rarest))  # of the rows it splits: every fold fits on both classes
         splits = stratified_folds(yc, folds, seed)
         fits = fit_logistic_batch(zc, yc, np.stack([balanced_weights(yc, fit_rows, balanced=class_weighting)
                                                     for fit_rows, _ in splits for _ in cs]),
@@ -355,7 +359,7 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                config: TrainConfig, log_fn: LogFn, last_epoch: bool = False, prune_epoch: int | None = None,
                keep: int = 2) -> dict[int, dict[str, Any]]:
     """The AdamW candidates trained side by side: the same shuffled batches, one parameter group per
-    candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA over all.
+    candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA per candidate.
 
     After every epoch each candidate's EMA weights are scored on val and its `EarlyStopping` decides
     (the rule `fit_backbone` uses too): epochs that end inside the LR warmup are not eligible, and a
@@ -435,14 +439,17 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
         if epoch == prune_epoch:
-            ranked = sorted((j for j in range(n) if active[j]), key=lambda j: (best[j]["score"], j))
+            # a diverged candidate's NaN score ranks last
+            ranked = sorted((j for j in range(n) if active[j]),
+                            key=lambda j: (np.nan_to_num(best[j]["score"], nan=np.inf), j))
             for j in ranked[keep:]:
                 stopping[j].stopped = True  # no loss and no gradient from here on: AdamW skips it
                 best[j]["pruned"] = epoch
         # the curve logged per epoch: the best candidate's kept row so far or, when only the last epoch
-        # is kept, the best of this epoch's rows
-        rows = [best[j]["history"][-1] if last_epoch else best[j]["row"] for j in range(n)]
-        rows = [r for r in rows if r is not None]
+        # is kept, the best of this epoch's rows (a pruned candidate has none after its rung)
+        rows = ([best[j]["history"][-1] for j in range(n) if best[j]["history"]
+                 and best[j]["history"][-1]["epoch"] == epoch] if last_epoch else
+                [best[j]["row"] for j in range(n) if best[j]["row"] is not None])
         if rows:
             top = min(rows, key=lambda r: r["val_brier"])
             log_fn({"candidates_active": float(sum(not s.stopped for s in stopping)),

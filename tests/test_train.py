@@ -358,13 +358,20 @@ def test_successive_halving_keeps_the_best_adamw_heads_on_val_and_counts_the_pru
     from stage1core.train import _fit_adamw
 
     candidates = head_grid(HeadConfig(kind="mlp"), config, selection, [FeatureView("all", 0, 16)])
+    logged = {}
     fitted = _fit_adamw(torch.as_tensor(x), y, torch.as_tensor(xv), yv, candidates, range(6),
-                        head=HeadConfig(kind="mlp", hidden=16), config=config, log_fn=lambda *a: None,
+                        head=HeadConfig(kind="mlp", hidden=16), config=config,
+                        log_fn=lambda metrics, epoch: logged.__setitem__(epoch, metrics),
                         last_epoch=True, prune_epoch=3, keep=3)
     at_rung = {i: r["history"][3]["val_brier"] for i, r in fitted.items()}
     gone = [i for i, r in fitted.items() if r.get("pruned") == 3]
     assert len(gone) == 3 and max(at_rung[i] for i in at_rung if i not in gone) <= min(at_rung[i] for i in gone)
     assert all(fitted[i]["score"] == at_rung[i] and len(fitted[i]["history"]) == 4 for i in gone)
+    # the logged curve after the rung is the survivors' (a pruned head's old score is not this epoch's)
+    for epoch in range(4, 8):
+        assert logged[epoch]["candidates_active"] == 3
+        assert logged[epoch]["best_val_brier"] == min(r["history"][epoch]["val_brier"] for i, r in fitted.items()
+                                                      if i not in gone)
     assert f"{standard_errors_allowed(6):.2f} standard errors" in trained.criterion
     assert "only the best 3 on val after epoch 4 trained on" in trained.criterion
     # no rung past the LR warmup before the end, or as many to keep as there are: nobody is pruned
@@ -429,6 +436,18 @@ def test_the_chosen_head_is_fitted_again_on_train_and_val():
     assert (chosen["refit_images"], chosen["refit_epochs"]) == (600, 4)
     best = fit_head(x, y, xv, yv, head=mlp, config=config, selection=SelectionConfig(adamw_epoch="best"))
     assert not any("refit_images" in r for r in best.grid)
+
+
+def test_a_rare_class_never_vanishes_from_the_capped_rows_and_too_few_of_it_are_refused():
+    from stage1core.selection import MIN_PER_CLASS, capped_rows
+
+    y = np.array([0] * 9000 + [1] * 12)
+    rows = capped_rows(y, 400, seed=0)
+    assert len(rows) == 400 and np.bincount(y[rows]).tolist() == [400 - MIN_PER_CLASS, MIN_PER_CLASS]
+    x, _ = blobs(n=60, seed=3)
+    one = np.array([1] + [0] * 59)
+    with pytest.raises(ValueError, match="at least 2 images of each class"):
+        fit_head(x, one, x[:20], np.arange(20) % 2, head=HeadConfig(kind="linear"))
 
 
 def test_capped_rows_is_a_seeded_stratified_subsample():
@@ -533,18 +552,26 @@ def test_under_the_row_cap_selection_is_unchanged():
         torch.testing.assert_close(value, kept["state"][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_rare_class_in_the_capped_refit_still_cross_validates():
+def test_a_rare_class_in_the_capped_refit_still_cross_validates(monkeypatch):
     """The refit's C cross-validation runs on at most max_rows rows: its folds follow the rarer class
-    there (3 of 100 rows here), not in all rows (27 of 900)."""
-    import warnings
+    there (3 of 100 rows here), not in all rows (27 of 900), so that every fold fits on both classes."""
+    import stage1core.train as train_module
 
+    made = []
+
+    def recording(y, folds, seed):
+        made.append((np.asarray(y), train_module_folds(y, folds, seed)))
+        return made[-1][1]
+
+    train_module_folds = train_module.stratified_folds
+    monkeypatch.setattr(train_module, "stratified_folds", recording)
     x, y = blobs(n=900, shift=0.5, seed=8, pos_fraction=0.03)
     xv, yv = blobs(n=300, shift=0.5, seed=9, pos_fraction=0.2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"),
-                           selection=SelectionConfig(linear_c=(0.01, 0.1), max_rows=100, refit=False))
-    # scikit-learn warns when a fold would get no image of the rare class
-    assert not [w for w in caught if "least populated class" in str(w.message)], [str(w.message) for w in caught]
+    trained = fit_head(x, y, xv, yv, head=HeadConfig(kind="linear"),
+                       selection=SelectionConfig(linear_c=(0.01, 0.1), max_rows=100, refit=False))
+    assert made and all(len(rows) == 100 for rows, _ in made)  # the grid's and the refit's, both capped
+    for rows, folds in made:
+        assert len(folds) == min(5, int(np.bincount(rows).min()))
+        assert all(set(rows[fit].tolist()) == {0, 1} and set(rows[held].tolist()) == {0, 1} for fit, held in folds)
     chosen = next(r for r in trained.grid if r["chosen"])
     assert chosen["refit_images"] == 900 and chosen["refit_c"] in (0.01, 0.1)
