@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import describe_fields
 from .metrics import binary_metrics
+from .selection import fold_count
 
 BASELINES = ("logistic", "knn")
 # the metrics a head must not lose on (both at the fixed threshold 0.5, the subnet's decision rule)
@@ -55,8 +56,8 @@ class BaselineConfig:
 
 
 def _folds(y: np.ndarray, wanted: int) -> int:
-    """As many stratified folds as asked, but no more than the rarer class has images."""
-    return int(max(2, min(wanted, np.bincount(y, minlength=2).min())))
+    """`selection.fold_count`, at least 2 (scikit-learn then warns about a class too rare to split)."""
+    return max(2, fold_count(y, wanted))
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, config: BaselineConfig):

@@ -38,13 +38,14 @@ class LogisticFits:
 def balanced_weights(y: np.ndarray, rows: np.ndarray | None = None, *, balanced: bool = True) -> np.ndarray:
     """Row weights of one problem over all len(y) rows: 0 outside `rows` (None: all rows), inside it
     1, or with `balanced` n / (2 n_class) over the problem's rows (scikit-learn's "balanced")."""
+    from .losses import class_weights_from_labels
+
     y = np.asarray(y)
     inside = np.zeros(len(y), dtype=bool)
     inside[slice(None) if rows is None else rows] = True
     if not balanced:
         return inside.astype(np.float64)
-    counts = np.bincount(y[inside], minlength=2).astype(np.float64)
-    per_class = inside.sum() / (2.0 * np.maximum(counts, 1.0))
+    per_class = class_weights_from_labels(y[inside]).double().numpy()  # the heads' training weights
     return np.where(inside, per_class[y], 0.0)
 
 
@@ -66,10 +67,11 @@ def fit_logistic_batch(z: np.ndarray, y: np.ndarray, weights: np.ndarray, cs: np
     design = np.concatenate([z, np.ones((n, 1))], axis=1)  # the intercept is the last coordinate
     total = weights.sum(1)
     penalty = 1.0 / (cs * total)  # per problem, on the first d coordinates
+    scaled = (weights / total[:, None]).T  # (n, K): row weights over their sum, per problem
 
     def evaluate(theta: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = design @ theta.T  # (n, len(ks))
-        a = weights[ks].T / total[ks]
+        a = scaled[:, ks]
         f = (a * (np.logaddexp(0.0, t) - y[:, None] * t)).sum(0) + 0.5 * penalty[ks] * (theta[:, :d] ** 2).sum(1)
         g = (design.T @ (a * (expit(t) - y[:, None]))).T
         g[:, :d] += penalty[ks, None] * theta[:, :d]

@@ -152,6 +152,12 @@ def capped_rows(y: np.ndarray, cap: int, seed: int) -> np.ndarray | None:
     return np.sort(np.concatenate(rows))
 
 
+def fold_count(y: np.ndarray, wanted: int) -> int:
+    """As many stratified folds as asked, but no more than the rarer class has rows: each fold then
+    fits on, and holds out, both classes."""
+    return int(min(wanted, np.bincount(np.asarray(y), minlength=2).min()))
+
+
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit rows, held-out rows) of `folds`-fold cross-validation: each class's rows shuffled (seeded)
     and dealt round the folds, so every fold holds each class's share to within one row. (The head

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from .selection import (
     SelectionConfig,
     balanced_brier,
     capped_rows,
+    fold_count,
     select_candidate,
     selection_criterion,
     stratified_folds,
@@ -228,8 +230,6 @@ def _prune_epoch(selection: SelectionConfig, config: TrainConfig, n_adamw: int) 
     `selection.adamw_keep` stop (`selection.adamw_prune_at` of the epochs, and at least one epoch past
     the LR warmup), or None: no pruning (off, judged at their best epoch, too few candidates, or no
     epoch left after the rung)."""
-    import math
-
     if (not selection.enabled or selection.adamw_epoch != "last" or selection.adamw_prune_at <= 0
             or n_adamw <= selection.adamw_keep):
         return None
@@ -307,11 +307,10 @@ def _fit_exact_linear(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np
             z = model.norm(xt).double().numpy()
         sub = capped_rows(yt, cv_rows, seed)
         zc, yc = (z, yt) if sub is None else (z[sub], yt[sub])
-        rarest = int(np.bincount(yc, minlength=2).min())
-        if rarest < 2:
+        folds = fold_count(yc, cv_folds)  # of the rows it splits
+        if folds < 2:
             raise ValueError(f"head selection: the linear heads' C cross-validation needs at least 2 images of "
-                             f"each class in the rows it splits, has {rarest} of one class ({len(yc)} rows)")
-        folds = int(min(cv_folds, rarest))  # of the rows it splits: every fold fits on both classes
+                             f"each class in the rows it splits, has {folds} of one class ({len(yc)} rows)")
         splits = stratified_folds(yc, folds, seed)
         fits = fit_logistic_batch(zc, yc, np.stack([balanced_weights(yc, fit_rows, balanced=class_weighting)
                                                     for fit_rows, _ in splits for _ in cs]),
