@@ -48,9 +48,10 @@ class SelectionConfig:
     adamw_epoch: Literal["last", "best"] = "last"
     # successive halving of the AdamW candidates (with adamw_epoch="last"): after this fraction of the
     # epochs they are ranked on val (the same criterion, EMA weights) and only the best `adamw_keep`
-    # train on to the end of the schedule; the others leave the comparison there. 0: all train to the end
+    # train on; each time the epochs done double, the survivors halve again (rounded up) until one is
+    # left. The others leave the comparison where they stop. 0: all train to the end
     adamw_prune_at: float = 0.25
-    # ... and how many AdamW candidates train on to the end after that
+    # ... and how many AdamW candidates train on after the first rung
     adamw_keep: int = 2
     # after the choice, fit the chosen head again on train + val (val only chose; the head then learns
     # from every image outside calib and test): a linear head with C chosen again by the same
@@ -101,16 +102,17 @@ class Candidate:
 
 
 def selection_criterion(selection: SelectionConfig, n_eligible: int, *, grid_rows: tuple[int, int] | None = None,
-                        pruned_at: int | None = None) -> str:
+                        rungs: dict[int, int] | None = None) -> str:
     """The rule that chose the head, in words (head.json, the model card, the run summary). `grid_rows`:
-    (rows the grid trained on, train rows) when the grid saw a subsample; `pruned_at`: the epoch after
-    which the AdamW candidates were pruned, if they were; `n_eligible`: the candidates the one-SE rule
-    counts (pruned ones included)."""
+    (rows the grid trained on, train rows) when the grid saw a subsample; `rungs`: the successive
+    halving rungs that pruned AdamW candidates ({0-based epoch: how many trained on after it});
+    `n_eligible`: the candidates the one-SE rule counts (pruned ones included)."""
     if not selection.enabled:
         return "one head; class-balanced Brier score on the val split, its best epoch after the LR warmup"
     adamw = "their last epoch" if selection.adamw_epoch == "last" else "their best epoch after the LR warmup"
-    if pruned_at is not None:
-        adamw += f"; only the best {selection.adamw_keep} on val after epoch {pruned_at + 1} trained on"
+    if rungs:
+        adamw += "; only " + ", then ".join(f"the best {keep} on val after epoch {epoch + 1}"
+                                             for epoch, keep in sorted(rungs.items())) + " trained on"
     refit = ""
     if selection.refit:
         refit = ("; the chosen head is then fitted again on train + val (linear: C chosen again by CV"

@@ -188,11 +188,10 @@ def fit_head(
     if exact:
         results.update(_fit_exact_linear(xs, ys, xv, yv, candidates, exact, class_weighting=config.class_weighting,
                                          cv_folds=selection.cv_folds, seed=config.seed))
-    prune_epoch = _prune_epoch(selection, config, len(looped))
+    rungs = _halving_rungs(selection, config, len(looped))
     if looped:
         results.update(_fit_adamw(xs, ys, xv, yv, candidates, looped, head=head, config=config, log_fn=log_fn,
-                                  last_epoch=selection.enabled and selection.adamw_epoch == "last",
-                                  prune_epoch=prune_epoch, keep=selection.adamw_keep))
+                                  last_epoch=selection.enabled and selection.adamw_epoch == "last", rungs=rungs))
 
     pruned = [results[i].get("pruned") is not None for i in range(len(candidates))]
     eligible = [results[i].get("eligible", True) and not pruned[i] for i in range(len(candidates))]
@@ -222,19 +221,29 @@ def fit_head(
                        kind=c.kind, view=c.view, grid=grid,
                        criterion=selection_criterion(selection, competed,
                                                      grid_rows=None if rows is None else (len(rows), len(yt)),
-                                                     pruned_at=prune_epoch if any(pruned) else None))
+                                                     rungs={e: k for e, k in rungs.items()
+                                                            if any(results[i].get("pruned") == e for i in looped)}))
 
 
-def _prune_epoch(selection: SelectionConfig, config: TrainConfig, n_adamw: int) -> int | None:
-    """The epoch (0-based) after which the AdamW candidates are ranked and all but the best
-    `selection.adamw_keep` stop (`selection.adamw_prune_at` of the epochs, and at least one epoch past
-    the LR warmup), or None: no pruning (off, judged at their best epoch, too few candidates, or no
-    epoch left after the rung)."""
+def _halving_rungs(selection: SelectionConfig, config: TrainConfig, n_adamw: int) -> dict[int, int]:
+    """Successive halving of the AdamW candidates: {epoch (0-based): how many train on after it}.
+
+    The first rung comes after `selection.adamw_prune_at` of the epochs (and at least one epoch past the
+    LR warmup) and keeps the best `selection.adamw_keep`; then, each time the epochs done double, the
+    survivors halve (rounded up) until one is left. A rung needs an epoch after it. Empty: no pruning
+    (off, judged at their best epoch, or no more candidates than `adamw_keep`)."""
     if (not selection.enabled or selection.adamw_epoch != "last" or selection.adamw_prune_at <= 0
             or n_adamw <= selection.adamw_keep):
-        return None
+        return {}
+    rungs: dict[int, int] = {}
     done = max(math.ceil(selection.adamw_prune_at * config.epochs), math.ceil(config.warmup_epochs) + 1)
-    return done - 1 if done < config.epochs else None
+    keep = selection.adamw_keep
+    while done < config.epochs:
+        rungs[done - 1] = keep
+        if keep == 1:
+            break
+        done, keep = 2 * done, math.ceil(keep / 2)
+    return rungs
 
 
 VAL_KEYS = ("val_brier", "val_loss", "val_accuracy", "val_mcc")
@@ -355,8 +364,8 @@ def _set_linear(model: nn.Module, coef: np.ndarray, intercept: float) -> None:
 # one explicit training loop (set-up, epochs, per-candidate scoring and keep rule), read top to bottom
 def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarray,
                candidates: Sequence[Candidate], indices: Sequence[int], *, head: HeadConfig,
-               config: TrainConfig, log_fn: LogFn, last_epoch: bool = False, prune_epoch: int | None = None,
-               keep: int = 2) -> dict[int, dict[str, Any]]:
+               config: TrainConfig, log_fn: LogFn, last_epoch: bool = False, rungs: dict[int, int] | None = None
+               ) -> dict[int, dict[str, Any]]:
     """The AdamW candidates trained side by side: the same shuffled batches, one parameter group per
     candidate (its lr and weight decay) under one cosine schedule with warmup, one EMA per candidate.
 
@@ -365,9 +374,10 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
     candidate stops after `config.patience` eligible epochs without a better score; the loop ends
     when all have stopped (a stopped candidate's parameters get no gradient, so AdamW skips them).
     With `last_epoch`, every candidate trains the whole schedule and its last epoch is the one kept
-    (no early stopping): each candidate then brings one val score to the comparison. With `prune_epoch`
-    (successive halving, Jamieson & Talwalkar 2016), after that epoch only the `keep` candidates with
-    the best val score go on; the others keep that epoch's weights and score, marked `pruned`.
+    (no early stopping): each candidate then brings one val score to the comparison. With `rungs`
+    (successive halving, Jamieson & Talwalkar 2016; `_halving_rungs`), after each rung's epoch only
+    its number of candidates with the best val scores go on; the others keep that epoch's weights and
+    score, marked `pruned` with that epoch.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -401,6 +411,7 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
     xv = xv.to(device)
 
     n = len(indices)
+    rungs = rungs or {}
     kinds = [candidates[i].kind for i in indices]
     stopping = [EarlyStopping(patience=config.patience, warmup_steps=warmup_steps) for _ in range(n)]
     best: list[dict[str, Any]] = [
@@ -432,16 +443,16 @@ def _fit_adamw(xt: torch.Tensor, yt: np.ndarray, xv: torch.Tensor, yv: np.ndarra
             val_p = row.pop("val_p")
             best[j]["history"].append(row)
             final = epoch == config.epochs - 1
-            kept = final or epoch == prune_epoch if last_epoch else stopping[j].update(
+            kept = final or epoch in rungs if last_epoch else stopping[j].update(
                 row["val_brier"], step=step, epoch=epoch, last=final)
             if kept:
                 state = {k: v.detach().cpu().clone() for k, v in judged[j].state_dict().items()}
                 best[j].update(score=row["val_brier"], epoch=epoch, state=state, row=row, val_p=val_p)
-        if epoch == prune_epoch:
+        if epoch in rungs:
             # a diverged candidate's NaN score ranks last
             ranked = sorted((j for j in range(n) if active[j]),
                             key=lambda j: (np.nan_to_num(best[j]["score"], nan=np.inf), j))
-            for j in ranked[keep:]:
+            for j in ranked[rungs[epoch]:]:
                 stopping[j].stopped = True  # no loss and no gradient from here on: AdamW skips it
                 best[j]["pruned"] = epoch
         # the curve logged per epoch: the best candidate's kept row so far or, when only the last epoch

@@ -8,7 +8,15 @@ import torch
 
 from stage1core.heads import STANDARD_CLIP, FeatureView, HeadConfig, build_head, feature_views
 from stage1core.selection import Candidate, SelectionConfig, balanced_brier, select_candidate, standard_errors_allowed
-from stage1core.train import TrainConfig, fit_head, head_grid, load_head, predict_positive, save_head
+from stage1core.train import (
+    TrainConfig,
+    _halving_rungs,
+    fit_head,
+    head_grid,
+    load_head,
+    predict_positive,
+    save_head,
+)
 from tests.common import HANG_TIMEOUT_S
 
 ONE = SelectionConfig(enabled=False)  # one head, trained by the AdamW loop
@@ -323,11 +331,14 @@ def test_adamw_candidates_compete_with_their_last_epoch_by_default():
     last = fit_head(x, y, xv, yv, head=head, config=config, log_fn=lambda m, epoch: logged.append(epoch))
     assert logged == list(range(12))  # the training curve is logged every epoch, not only at the end
     assert SelectionConfig().adamw_epoch == "last"
-    # successive halving: after a quarter of the schedule (3 of 12 epochs) only the best 2 train on
+    # successive halving: after a quarter of the schedule (3 of 12 epochs) only the best 2 train on,
+    # after twice that (6 epochs) the best 1
     survivors = [row for row in last.grid if row["pruned_after_epoch"] is None]
-    assert len(survivors) == 2 and all((r["best_epoch"], r["epochs_run"]) == (11, 12) for r in survivors)
-    for row in (r for r in last.grid if r["pruned_after_epoch"] is not None):
-        assert (row["pruned_after_epoch"], row["best_epoch"], row["epochs_run"]) == (2, 2, 3)
+    assert len(survivors) == 1 and all((r["best_epoch"], r["epochs_run"]) == (11, 12) for r in survivors)
+    stops = sorted((r["pruned_after_epoch"], r["best_epoch"], r["epochs_run"]) for r in last.grid
+                   if r["pruned_after_epoch"] is not None)
+    assert stops == [(2, 2, 3)] * 4 + [(5, 5, 6)]
+    assert "only the best 2 on val after epoch 3, then the best 1 on val after epoch 6 trained on" in last.criterion
     unpruned = fit_head(x, y, xv, yv, head=head, config=config, selection=SelectionConfig(adamw_prune_at=0))
     assert all((r["best_epoch"], r["epochs_run"], r["pruned_after_epoch"]) == (11, 12, None) for r in unpruned.grid)
     best = fit_head(x, y, xv, yv, head=head, config=config, selection=SelectionConfig(adamw_epoch="best"))
@@ -362,7 +373,7 @@ def test_successive_halving_keeps_the_best_adamw_heads_on_val_and_counts_the_pru
     fitted = _fit_adamw(torch.as_tensor(x), y, torch.as_tensor(xv), yv, candidates, range(6),
                         head=HeadConfig(kind="mlp", hidden=16), config=config,
                         log_fn=lambda metrics, epoch: logged.__setitem__(epoch, metrics),
-                        last_epoch=True, prune_epoch=3, keep=3)
+                        last_epoch=True, rungs={3: 3})
     at_rung = {i: r["history"][3]["val_brier"] for i, r in fitted.items()}
     gone = [i for i, r in fitted.items() if r.get("pruned") == 3]
     assert len(gone) == 3 and max(at_rung[i] for i in at_rung if i not in gone) <= min(at_rung[i] for i in gone)
@@ -374,6 +385,12 @@ def test_successive_halving_keeps_the_best_adamw_heads_on_val_and_counts_the_pru
                                                       if i not in gone)
     assert f"{standard_errors_allowed(6):.2f} standard errors" in trained.criterion
     assert "only the best 3 on val after epoch 4 trained on" in trained.criterion
+    # the survivors halve each time the epochs done double, down to one; a rung needs an epoch after it
+    assert _halving_rungs(SelectionConfig(), TrainConfig(), 6) == {9: 2, 19: 1}
+    assert _halving_rungs(SelectionConfig(adamw_keep=5), TrainConfig(), 6) == {9: 5, 19: 3}
+    assert _halving_rungs(SelectionConfig(), TrainConfig(epochs=4), 6) == {2: 2}  # past the 2 warmup epochs
+    assert _halving_rungs(SelectionConfig(adamw_keep=6), TrainConfig(), 6) == {}
+    assert _halving_rungs(SelectionConfig(adamw_prune_at=0), TrainConfig(), 6) == {}
     # no rung past the LR warmup before the end, or as many to keep as there are: nobody is pruned
     short = fit_head(x, y, xv, yv, head=HeadConfig(kind="mlp", hidden=16),
                      config=dataclasses.replace(config, epochs=2), selection=selection)
