@@ -72,12 +72,14 @@ def main() -> None:
         grid_times.append(grid_s)
     extract_s, grid_s = min(extract_times), min(grid_times)
     one_s, _ = c.timed(lambda: fit_head(xt, yt, xv, yv, config=quick_train, selection=SelectionConfig(enabled=False)))
-    runs = f", best of {args.repeats} alternating runs ({', '.join(f'{t:.1f}' for t in extract_times)} s)"
+
+    def runs(times):
+        return f", best of {len(times)} ({', '.join(f'{t:.1f}' for t in times)} s)" if len(times) > 1 else ""
+
     c.figure("A: extraction", f"{extract_s:.1f} s for {info.n_computed} demo images ({info.images_per_second:.1f} "
-             f"images/s, {info.dim}-d){runs if args.repeats > 1 else ''}")
-    runs = f", best of {args.repeats} ({', '.join(f'{t:.1f}' for t in grid_times)} s)"
+             f"images/s, {info.dim}-d){runs(extract_times)}")
     c.figure("A: head selection", f"{grid_s:.1f} s for {len(grid.grid)} candidates on {len(yt)} train images; "
-             f"chosen {next(r for r in grid.grid if r['chosen'])['kind']}{runs if args.repeats > 1 else ''}")
+             f"chosen {next(r for r in grid.grid if r['chosen'])['kind']}{runs(grid_times)}")
     c.figure("A: one MLP head (selection off)", f"{one_s:.1f} s")
     c.ratio_line("A: head selection / extraction time, same images", grid_s / extract_s * 100, unit="%",
                  goal="small fraction (< 25%)", met=grid_s / extract_s < 0.25)

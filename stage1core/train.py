@@ -221,8 +221,7 @@ def fit_head(
                        kind=c.kind, view=c.view, grid=grid,
                        criterion=selection_criterion(selection, competed,
                                                      grid_rows=None if rows is None else (len(rows), len(yt)),
-                                                     rungs={e: k for e, k in rungs.items()
-                                                            if any(results[i].get("pruned") == e for i in looped)}))
+                                                     rungs=rungs))
 
 
 def _halving_rungs(selection: SelectionConfig, config: TrainConfig, n_adamw: int) -> dict[int, int]:

@@ -575,12 +575,12 @@ def test_a_rare_class_in_the_capped_refit_still_cross_validates(monkeypatch):
     import stage1core.train as train_module
 
     made = []
+    original = train_module.stratified_folds
 
     def recording(y, folds, seed):
-        made.append((np.asarray(y), train_module_folds(y, folds, seed)))
+        made.append((np.asarray(y), original(y, folds, seed)))
         return made[-1][1]
 
-    train_module_folds = train_module.stratified_folds
     monkeypatch.setattr(train_module, "stratified_folds", recording)
     x, y = blobs(n=900, shift=0.5, seed=8, pos_fraction=0.03)
     xv, yv = blobs(n=300, shift=0.5, seed=9, pos_fraction=0.2)
